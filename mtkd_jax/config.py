@@ -1,0 +1,117 @@
+"""The run configuration: every setting of one MTKD run, as one plain dataclass.
+
+`main.py` fills it from absl flags; notebooks and tests build it directly. Defaults are the
+paper's settings for real datasets; `with_dataset_defaults` fills the values that depend on the
+dataset (teacher, student, workdir), so the embedded offline demo needs no flag at all.
+"""
+
+import dataclasses
+import math
+
+STAGES = ("0", "1", "2", "all")
+DTYPES = ("float32", "bfloat16")
+UNLABELED_POOLS = ("fewshot", "train")
+OPTIMIZERS = ("sgd", "adamw")
+PAPER_TEACHER = "keras_hub:clip_vit_large_patch14"
+PAPER_STUDENT = "clip:keras_hub:clip_vit_base_patch16"
+DEMO_TEACHER = "shapes"
+DEMO_STUDENT = "tiny_vit"
+
+
+@dataclasses.dataclass
+class RunConfig:
+    """All settings of one run. Field names equal the absl flag names of `mtkd_jax.main`."""
+
+    stage: str = "all"
+    dataset: str = "shapes"
+    data_source: str = "auto"
+    data_root: str = "DATA"
+    tfds_data_dir: str = ""
+    shots: int = 16
+    seed: int = 1
+    workdir: str = ""
+    # Models.
+    teacher: str = ""
+    teacher_prompts: str = ""
+    teacher_prompt_length: int = 4
+    teacher_prompt_depth: int = 9
+    student: str = ""
+    student_prompt_length: int = 4
+    student_prompt_depth: int = 9
+    reduction: int = 24
+    residual_ratio: float = 0.2
+    image_size: int = 0
+    dtype: str = "float32"
+    # Optimisation (paper: SGD 0.9, wd 5e-4, lr 0.005, 1 warm-up epoch at 1e-5, cosine, 20 ep).
+    optimizer: str = "sgd"
+    lr: float = 0.005
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-5
+    epochs: int = 20
+    teacher_epochs: int = 0
+    adapter_epochs: int = 0
+    batch_size: int = 8
+    eval_batch_size: int = 64
+    # Losses.
+    temperatures: tuple[float, ...] = (1.0, 2.0, 3.0, 5.0, 6.0)
+    loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    kd_weight: float = 1.0
+    prompt_regularisation: bool = True
+    # Data protocol.
+    unlabeled_pool: str = "fewshot"
+    base_to_novel: bool = True
+    strict_data: bool = False
+    # Bookkeeping.
+    eval_every: int = 0
+    log_every: int = 10
+    resume: bool = False
+    overwrite: bool = False
+    export: bool = True
+    baselines: tuple[str, ...] = ()
+
+    def epochs_for(self, stage: str) -> int:
+        """The number of epochs of stage "0", "1" or "2" (0 in the override means `epochs`)."""
+        override = {"0": self.teacher_epochs, "2": self.adapter_epochs}.get(stage, 0)
+        return override or self.epochs
+
+    def validate(self) -> None:
+        """Raises ValueError naming the first setting that cannot work, and the valid choices."""
+        choices = {
+            "stage": (self.stage, STAGES),
+            "dtype": (self.dtype, DTYPES),
+            "unlabeled_pool": (self.unlabeled_pool, UNLABELED_POOLS),
+            "optimizer": (self.optimizer, OPTIMIZERS),
+        }
+        for name, (value, valid) in choices.items():
+            if value not in valid:
+                raise ValueError(f"--{name}={value!r} is not one of {', '.join(valid)}.")
+        positive = ("shots", "batch_size", "eval_batch_size", "epochs", "reduction", "log_every")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be positive. Received {getattr(self, name)}.")
+        if not self.temperatures or any(t <= 0 for t in self.temperatures):
+            raise ValueError(f"--temperatures must be positive. Received {self.temperatures}.")
+        if len(self.loss_weights) != 3:
+            raise ValueError(
+                "--loss_weights takes three numbers (instance, batch, class). "
+                f"Received {self.loss_weights}."
+            )
+        if not 0.0 <= self.residual_ratio <= 1.0:
+            raise ValueError(f"--residual_ratio must be in [0, 1]. Received {self.residual_ratio}.")
+        if not all(math.isfinite(v) for v in (self.lr, self.kd_weight, self.weight_decay)):
+            raise ValueError("--lr, --kd_weight and --weight_decay must be finite numbers.")
+
+
+def with_dataset_defaults(config: RunConfig) -> RunConfig:
+    """Fills the settings left empty with the defaults for the run's dataset."""
+    demo = config.dataset == "shapes"
+    return dataclasses.replace(
+        config,
+        teacher=config.teacher or (DEMO_TEACHER if demo else PAPER_TEACHER),
+        student=config.student or (DEMO_STUDENT if demo else PAPER_STUDENT),
+        workdir=config.workdir
+        or f"runs/{config.dataset.replace(':', '_').replace('/', '_')}"
+        f"_{config.shots}shot_seed{config.seed}",
+    )

@@ -1,0 +1,134 @@
+"""Command line of mtkd_jax: absl flags -> `RunConfig` -> `experiment.run`.
+
+    python -m mtkd_jax.main                                   # the offline demo (shapes world)
+    python -m mtkd_jax.main --stage=1 --dataset=oxford_pets   # stage 1 on a real dataset
+    python -m mtkd_jax.main --stage=2 --dataset=oxford_pets   # then stage 2
+    python -m mtkd_jax.main --flagfile=flags/oxford_pets.flags
+
+Every flag is a field of `mtkd_jax.config.RunConfig`; the work itself is the library function
+`mtkd_jax.experiment.run`, which notebooks call too.
+"""
+
+import dataclasses
+import sys
+import typing
+
+from absl import app, flags
+
+from mtkd_jax import config as config_lib
+
+HELP = {
+    "stage": "Which stage to run: 0 (teacher prompt tuning), 1 (distillation), 2 (adapter), all.",
+    "dataset": "Dataset name (e.g. oxford_pets, dtd, eurosat, shapes) or folder:/path/to/classes.",
+    "data_source": "Where the data comes from: tfds, coop (CoOp DATA/ layout) or auto.",
+    "data_root": "Root of the CoOp-style DATA/ folder (coop and medical datasets).",
+    "tfds_data_dir": "TFDS data_dir; empty for TFDS's default.",
+    "shots": "K: labeled images per class for stage 0 and stage 2.",
+    "seed": "Seed of the few-shot sample, the data order and the initialisation.",
+    "workdir": "Where flags, metrics, checkpoints, results and the exported model go "
+    "(default: runs/<dataset>_<shots>shot_seed<seed>).",
+    "teacher": "Teacher CLIP: a Hugging Face dir, hf:<repo>, an OpenAI .pt, keras_hub:<preset>, "
+    "a converted mtkd_jax dir, or 'shapes' (the embedded tiny CLIP). Default: ViT-L/14 "
+    "(shapes for the demo).",
+    "teacher_prompts": "PromptKD/PromptSRC teacher checkpoint (model-best.pth.tar) or our own "
+    "prompts file; empty: the stage-0 prompts in --workdir if any.",
+    "teacher_prompt_length": "Deep-prompt tokens per encoder of the teacher (0: plain CLIP).",
+    "teacher_prompt_depth": "Layers of the teacher that carry deep prompts.",
+    "student": "Student: clip:<CLIP source> (frozen CLIP image encoder with visual prompts), "
+    "keras_hub:<backbone preset>, or tiny_vit (the demo's). Default: CLIP ViT-B/16.",
+    "student_prompt_length": "Visual deep-prompt tokens of a CLIP student.",
+    "student_prompt_depth": "Layers of a CLIP student that carry visual deep prompts.",
+    "reduction": "Residual adapter bottleneck reduction (stage 2).",
+    "residual_ratio": "Residual adapter mixing ratio: ratio*adapter(x) + (1-ratio)*x.",
+    "image_size": "Input resolution; 0 takes the teacher's.",
+    "dtype": "Compute dtype: float32, or bfloat16 (float32 variables, optimizer and losses).",
+    "optimizer": "sgd (the paper's, with momentum) or adamw.",
+    "lr": "Peak learning rate (after warm-up), cosine-decayed to 0.",
+    "momentum": "SGD momentum.",
+    "weight_decay": "Weight decay (L2 on the trained variables).",
+    "warmup_epochs": "Epochs at the constant warm-up learning rate before the cosine schedule.",
+    "warmup_lr": "The constant warm-up learning rate.",
+    "epochs": "Epochs of every stage unless --teacher_epochs/--adapter_epochs say otherwise.",
+    "teacher_epochs": "Epochs of stage 0 (0: --epochs).",
+    "adapter_epochs": "Epochs of stage 2 (0: --epochs).",
+    "batch_size": "Global training batch size, split over all devices (must divide evenly).",
+    "eval_batch_size": "Global evaluation batch size (the last batch is padded and masked).",
+    "temperatures": "Distillation temperatures, summed over (the paper's: 1,2,3,5,6).",
+    "loss_weights": "Weights of the instance, batch and class levels (1,0,0 = PromptKD-style).",
+    "kd_weight": "Weight of the whole distillation loss in stage 1.",
+    "prompt_regularisation": "Stage 0: PromptSRC self-regularisation towards the frozen CLIP.",
+    "unlabeled_pool": "Stage-1 images: fewshot (the K-shot set, labels dropped) or train "
+    "(the whole training split, labels dropped).",
+    "base_to_novel": "Train stages 0 and 2 on the base classes only and report base/novel/HM.",
+    "strict_data": "Fail on the first unreadable image instead of skipping and reporting it.",
+    "eval_every": "Also evaluate every N epochs (0: only after each stage).",
+    "log_every": "Steps between metric logs (and host syncs).",
+    "resume": "Continue the run found in --workdir from its last checkpoint.",
+    "overwrite": "Start afresh in a --workdir that holds a finished run, replacing it.",
+    "export": "Export the deployable student (one .keras file) after stage 2.",
+    "baselines": "Extra methods to run for comparison: supervised (the student trained on the "
+    "K shots only), instance_only (stage 1 with the instance-level loss only).",
+}
+
+
+def _define_flags() -> None:
+    """Defines one absl flag per `RunConfig` field, with the field's default."""
+    hints = typing.get_type_hints(config_lib.RunConfig)
+    for field in dataclasses.fields(config_lib.RunConfig):
+        default, kind = field.default, hints[field.name]
+        help_text = HELP[field.name]
+        if kind is bool:
+            flags.DEFINE_bool(field.name, default, help_text)
+        elif kind is int:
+            flags.DEFINE_integer(field.name, default, help_text)
+        elif kind is float:
+            flags.DEFINE_float(field.name, default, help_text)
+        elif kind is str:
+            flags.DEFINE_string(field.name, default, help_text)
+        elif typing.get_args(kind)[0] is float:
+            flags.DEFINE_list(field.name, [str(v) for v in default], help_text)
+        else:
+            flags.DEFINE_list(field.name, list(default), help_text)
+
+
+def config_from_flags(flag_values: flags.FlagValues) -> config_lib.RunConfig:
+    """Reads the parsed flags into a validated `RunConfig` with the dataset's defaults."""
+    hints = typing.get_type_hints(config_lib.RunConfig)
+    values = {}
+    for field in dataclasses.fields(config_lib.RunConfig):
+        value = flag_values[field.name].value
+        if isinstance(value, list):
+            item_type = typing.get_args(hints[field.name])[0]
+            try:
+                value = tuple(item_type(v) for v in value if str(v).strip())
+            except ValueError:
+                raise ValueError(
+                    f"--{field.name} takes comma-separated numbers. Received {','.join(value)}."
+                ) from None
+        values[field.name] = value
+    config = config_lib.with_dataset_defaults(config_lib.RunConfig(**values))
+    config.validate()
+    return config
+
+
+_define_flags()
+flags.DEFINE_bool("debug", False, "Show full tracebacks instead of one-line error messages.")
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {' '.join(argv[1:])}. Use --flag=value.")
+    try:
+        config = config_from_flags(flags.FLAGS)
+        from mtkd_jax import experiment  # Heavy imports (Keras, TensorFlow) after parsing.
+
+        experiment.run(config)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        if flags.FLAGS.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    app.run(main)
