@@ -97,7 +97,7 @@ def ordered_methods(names: Iterable[str]) -> list[str]:
 
 def _methods_of(results: Mapping) -> Mapping[str, Mapping[str, float]]:
     if not isinstance(results, Mapping):
-        raise ValueError(f"A results dict is a mapping, as results.json holds. Received: {results!r}")
+        raise ValueError(f"A results dict is a mapping (as in results.json). Received: {results!r}")
     methods = results.get("methods")
     if not isinstance(methods, Mapping):
         raise ValueError(
@@ -295,8 +295,10 @@ def markdown_table(
     metrics = ("base", "novel", "hm") if has_base_novel else ("all",)
 
     header = ["Dataset"] + [f"{method} {METRIC_TITLES[m]}" for method in methods for m in metrics]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + [":---:"] * (
-        len(header) - 1)) + "|"]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + [":---:"] * (len(header) - 1)) + "|",
+    ]
     for dataset, per_method in aggregated.items():
         cells = [_cell(per_method.get(method, {}).get(m)) for method in methods for m in metrics]
         lines.append("| " + " | ".join([dataset, *cells]) + " |")
