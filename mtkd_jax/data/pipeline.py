@@ -1,0 +1,310 @@
+"""Batches of preprocessed images for JAX: tf.data decoding and augmentation, numpy out.
+
+`make_batches(split, image_size=, batch_size=, training=, seed=)` yields dicts of numpy arrays:
+  * "images": float32 `[B, S, S, 3]` (NHWC, CLIP-normalised);
+  * "labels": int32 `[B]`, only when `labeled=True`. Stage-1 (unlabeled) batches are built from
+    a stream that never carries the labels, so the key does not exist, rather than being ignored;
+  * "mask": bool `[B]`, False on padding.
+
+Order and sharding are decided in numpy, then tf.data reads, decodes (in parallel) and
+augments:
+  * evaluation: every example exactly once, in split order; host p of P reads examples p, p+P,
+    ...; every host yields the same number of batches (`steps_per_epoch`), the last ones padded
+    with zeros and mask False, so no test image is dropped or counted twice;
+  * training: a reshuffled permutation per epoch (seeded, identical on all hosts, each host
+    taking its own slice), cut into full batches as one continuous stream, so a split smaller
+    than a batch still gives full batches; `epochs * steps_per_epoch` batches, or endless with
+    `epochs=None`.
+`batch_size` is the global batch; each host yields `batch_size // process_count` rows.
+
+Unreadable or corrupt images are skipped, counted in `BatchIterator.skipped`, and reported once
+in a warning when the iteration ends; with `strict=True` the iteration fails instead, naming
+the file. TensorFlow never sees an accelerator (`tf_setup`).
+"""
+
+import io
+import logging
+import math
+from collections import deque
+
+import numpy as np
+
+from mtkd_jax.data import fewshot, preprocess
+from mtkd_jax.data.dataset import Split
+from mtkd_jax.data.tf_setup import import_tensorflow
+
+tf = import_tensorflow()
+logger = logging.getLogger(__name__)
+
+# Formats tf.io.decode_image reads; others (TIFF, WebP, ...) are converted with PIL first.
+_TF_FORMATS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
+
+
+def _hosts(process_index, process_count) -> tuple[int, int]:
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(
+            "Need 0 <= process_index < process_count. Received: "
+            f"process_index={process_index!r}, process_count={process_count!r}"
+        )
+    return process_index, process_count
+
+
+def _local_batch(batch_size: int, process_count: int) -> int:
+    if not isinstance(batch_size, int) or batch_size < 1 or batch_size % process_count:
+        raise ValueError(
+            "batch_size (the global batch) must be a positive multiple of the number of hosts "
+            f"({process_count}). Received: batch_size={batch_size!r}"
+        )
+    return batch_size // process_count
+
+
+def steps_per_epoch(
+    split_len: int, batch_size: int, training: bool, process_count: int | None = None
+) -> int:
+    """Batches per epoch on every host.
+
+    Training: max(1, (N // P) // (B // P)) full batches. Evaluation: ceil(ceil(N / P) / (B // P))
+    batches, enough for every example once.
+    """
+    _, process_count = _hosts(0, process_count)
+    local = _local_batch(batch_size, process_count)
+    if training:
+        return max(1, (split_len // process_count) // local)
+    return math.ceil(math.ceil(split_len / process_count) / local)
+
+
+def make_batches(
+    split: Split,
+    *,
+    image_size: int,
+    batch_size: int,
+    training: bool,
+    seed: int = 0,
+    labeled: bool = True,
+    epochs: int | None = 1,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    strict: bool = False,
+) -> "BatchIterator":
+    """An iterable of batches of `split` (see the module docstring for their content).
+
+    Args:
+      split: the examples (file paths, encoded bytes or a uint8 array).
+      image_size: output side S (the model's resolution).
+      batch_size: global batch size B.
+      training: random resized crop + flip and reshuffling, or the deterministic eval transform.
+      seed: seeds the order and the augmentation (training only).
+      labeled: include "labels"; False for stage 1, whose batches then have no labels key.
+      epochs: training epochs to yield (None: endless); evaluation always makes one pass.
+      process_index, process_count: this host and the number of hosts (default: JAX's).
+      strict: fail naming the file on the first unreadable image instead of skipping it.
+    """
+    if not isinstance(split, Split):
+        raise ValueError(f"make_batches needs a Split. Received: {type(split).__name__}")
+    if len(split) == 0:
+        raise ValueError("The split is empty: there is nothing to batch.")
+    if not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int. Received: image_size={image_size!r}")
+    if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
+        raise ValueError(f"epochs must be a positive int or None. Received: epochs={epochs!r}")
+    index, count = _hosts(process_index, process_count)
+    if training and len(split) < count:
+        raise ValueError(
+            f"A training split needs at least one example per host. Received: {len(split)} "
+            f"examples for {count} hosts"
+        )
+    if training and epochs is None:
+        num_batches = None
+    else:
+        num_batches = steps_per_epoch(len(split), batch_size, training, count) * (
+            epochs if training else 1
+        )
+    return BatchIterator(
+        split,
+        image_size=image_size,
+        local_batch=_local_batch(batch_size, count),
+        training=training,
+        seed=seed,
+        labeled=labeled,
+        num_batches=num_batches,
+        process_index=index,
+        process_count=count,
+        strict=strict,
+    )
+
+
+class BatchIterator:
+    """Iterable of numpy batch dicts; `len()` is the number of batches (when finite).
+
+    Attributes:
+      skipped: ids of the images that could not be read or decoded so far.
+    """
+
+    def __init__(
+        self,
+        split: Split,
+        *,
+        image_size: int,
+        local_batch: int,
+        training: bool,
+        seed: int,
+        labeled: bool,
+        num_batches: int | None,
+        process_index: int,
+        process_count: int,
+        strict: bool,
+    ):
+        self.split = split
+        self.image_size = image_size
+        self.local_batch = local_batch
+        self.training = training
+        self.seed = seed
+        self.labeled = labeled
+        self.num_batches = num_batches
+        self.process_index = process_index
+        self.process_count = process_count
+        self.strict = strict
+        self.skipped: list[str] = []
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("An endless training iterator (epochs=None) has no length.")
+        return self.num_batches
+
+    # The stream of (position in split, augmentation counter), this host's share.
+    def _order(self):
+        n, p, count = len(self.split), self.process_index, self.process_count
+        if not self.training:
+            for position in range(p, n, count):
+                yield position, position
+            return
+        per_host = n // count
+        epoch = 0
+        while True:
+            perm = fewshot.stable_rng("train-order", self.seed, epoch).permutation(n)
+            for rank in range(p, per_host * count, count):
+                yield int(perm[rank]), epoch * n + rank
+            epoch += 1
+
+    def _payload(self, position: int):
+        """The image of one example as the pipeline wants it, or None if unreadable."""
+        split = self.split
+        if split.kind == "images":
+            return split.images[position]
+        if split.kind == "encoded":
+            return split.encoded[position]
+        path = split.paths[position]
+        try:
+            if path.lower().endswith(_TF_FORMATS):
+                with open(path, "rb") as f:
+                    return f.read()
+            from PIL import Image
+
+            with Image.open(path) as image:
+                buffer = io.BytesIO()
+                image.convert("RGB").save(buffer, format="PNG")
+                return buffer.getvalue()
+        except (OSError, ValueError) as error:
+            logger.debug("Cannot read %s: %s", path, error)
+            return None
+
+    def _dataset(self, emitted: deque):
+        split = self.split
+        labeled = self.labeled
+        if split.kind == "images":
+            payload_spec = tf.TensorSpec(split.images.shape[1:], tf.uint8)
+        else:
+            payload_spec = tf.TensorSpec([], tf.string)
+        signature = (tf.TensorSpec([], tf.int64), tf.TensorSpec([], tf.int64), payload_spec)
+        if labeled:
+            signature += (tf.TensorSpec([], tf.int32),)
+
+        def generate():
+            for position, counter in self._order():
+                payload = self._payload(position)
+                if payload is None:
+                    self.skipped.append(str(split.ids[position]))
+                    continue
+                emitted.append(position)
+                item = (position, counter, payload)
+                yield item + (split.labels[position],) if labeled else item
+
+        size, seed, training = self.image_size, self.seed, self.training
+        decode = split.kind != "images"
+
+        def transform(position, counter, payload, *label):
+            image = preprocess.decode_rgb(payload) if decode else payload
+            if training:
+                image_seed = tf.stack([tf.constant(seed, tf.int64), counter])
+                image = preprocess.train_transform(image, size, image_seed)
+            else:
+                image = preprocess.eval_transform(image, size)
+            out = {"position": position, "images": image}
+            if label:
+                out["labels"] = label[0]
+            return out
+
+        ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
+        ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.ignore_errors()
+        ds = ds.batch(self.local_batch, drop_remainder=self.training)
+        return ds.prefetch(tf.data.AUTOTUNE)
+
+    def __iter__(self):
+        self.skipped = []
+        emitted: deque = deque()
+        produced = 0
+        for batch in self._dataset(emitted).as_numpy_iterator():
+            if self.num_batches is not None and produced == self.num_batches:
+                break
+            for position in batch.pop("position"):
+                while emitted and emitted[0] != position:
+                    self.skipped.append(str(self.split.ids[emitted.popleft()]))
+                emitted.popleft()
+            self._check_strict()
+            yield self._pad(batch)
+            produced += 1
+        if not self.training:
+            # Images dropped after the last delivered one.
+            self.skipped += [str(self.split.ids[p]) for p in emitted]
+            emitted.clear()
+            self._check_strict()
+            while produced < self.num_batches:
+                yield self._pad(None)
+                produced += 1
+        if self.skipped:
+            logger.warning(
+                "Skipped %d unreadable or corrupt image(s) (first: %s). They are left out of "
+                "every batch; pass strict data checks to fail on them instead.",
+                len(self.skipped),
+                self.skipped[0],
+            )
+
+    def _check_strict(self):
+        if self.strict and self.skipped:
+            raise ValueError(
+                f"Cannot read or decode the image {self.skipped[0]!r} "
+                f"({len(self.skipped)} unreadable so far). Fix or remove it, or run without strict "
+                "data checks to skip unreadable images."
+            )
+
+    def _pad(self, batch):
+        """Pads a short (or missing) batch to the local batch size; adds the mask."""
+        size, b = self.image_size, self.local_batch
+        n = 0 if batch is None else len(batch["images"])
+        if n == b:
+            batch["mask"] = np.ones((b,), bool)
+            return batch
+        out = {"images": np.zeros((b, size, size, 3), np.float32)}
+        if self.labeled:
+            out["labels"] = np.zeros((b,), np.int32)
+        if batch is not None:
+            for key in out:
+                out[key][:n] = batch[key]
+        out["mask"] = np.arange(b) < n
+        return out
