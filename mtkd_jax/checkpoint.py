@@ -345,7 +345,9 @@ def _metadata_of(archive, path) -> dict[str, Any]:
     try:
         return json.loads(raw.tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointError(f"The metadata of {str(path)!r} is not valid JSON ({error}).") from None
+        raise CheckpointError(
+            f"The metadata of {str(path)!r} is not valid JSON ({error})."
+        ) from None
 
 
 def _fsync_directory(directory: Path) -> None:

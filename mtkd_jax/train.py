@@ -240,7 +240,7 @@ def init_train_state(
     seed: int,
     mesh: Mesh,
 ) -> TrainState:
-    """A fresh `TrainState` replicated on `mesh`; the optimizer state is float32 like the weights."""
+    """A fresh `TrainState` replicated on `mesh`; the optimizer state is float32 like weights."""
     trainable = [jnp.asarray(v) for v in trainable]
     low_precision = [str(v.dtype) for v in trainable if v.dtype != jnp.float32]
     if low_precision:
@@ -261,9 +261,7 @@ def init_train_state(
 
 def learning_rate_of(opt_state: Any) -> jax.Array | None:
     """The rate of the latest update where the optimizer keeps it (`optax.inject_hyperparams`)."""
-    for node in jax.tree_util.tree_leaves(
-        opt_state, is_leaf=lambda n: hasattr(n, "hyperparams")
-    ):
+    for node in jax.tree_util.tree_leaves(opt_state, is_leaf=lambda n: hasattr(n, "hyperparams")):
         hyperparams = getattr(node, "hyperparams", None)
         if isinstance(hyperparams, Mapping) and "learning_rate" in hyperparams:
             return jnp.asarray(hyperparams["learning_rate"], jnp.float32)

@@ -25,7 +25,7 @@ from mtkd_jax import checkpoint, train  # noqa: E402
 from mtkd_jax.optim import make_optimizer  # noqa: E402
 
 if keras.backend.backend() != "jax":
-    pytest.skip("Keras was imported with another backend before these tests", allow_module_level=True)
+    pytest.skip("Keras was imported with another backend first", allow_module_level=True)
 
 FEATURES, OUTPUTS, BATCH, STEPS_PER_EPOCH = 6, 4, 8, 3
 
