@@ -59,6 +59,9 @@ class RunConfig:
     loss_weights: tuple[float, float, float] = (1.0, 1.0, 1.0)
     kd_weight: float = 1.0
     prompt_regularisation: bool = True
+    prompt_reg_text_weight: float = 25.0
+    prompt_reg_image_weight: float = 10.0
+    prompt_reg_logit_weight: float = 1.0
     # Data protocol.
     unlabeled_pool: str = "fewshot"
     base_to_novel: bool = True

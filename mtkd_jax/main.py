@@ -16,6 +16,7 @@ import typing
 from absl import app, flags
 
 from mtkd_jax import config as config_lib
+from mtkd_jax.checkpoint import WorkdirInUseError
 
 HELP = {
     "stage": "Which stage to run: 0 (teacher prompt tuning), 1 (distillation), 2 (adapter), all.",
@@ -57,6 +58,12 @@ HELP = {
     "loss_weights": "Weights of the instance, batch and class levels (1,0,0 = PromptKD-style).",
     "kd_weight": "Weight of the whole distillation loss in stage 1.",
     "prompt_regularisation": "Stage 0: PromptSRC self-regularisation towards the frozen CLIP.",
+    "prompt_reg_text_weight": "Stage 0: weight of the L1 distance to the frozen CLIP's class "
+    "text features (PromptSRC: 25).",
+    "prompt_reg_image_weight": "Stage 0: weight of the L1 distance to the frozen CLIP's image "
+    "features (PromptSRC: 10).",
+    "prompt_reg_logit_weight": "Stage 0: weight of the KL to the frozen CLIP's zero-shot logits "
+    "(PromptSRC: 1).",
     "unlabeled_pool": "Stage-1 images: fewshot (the K-shot set, labels dropped) or train "
     "(the whole training split, labels dropped).",
     "base_to_novel": "Train stages 0 and 2 on the base classes only and report base/novel/HM.",
@@ -123,7 +130,7 @@ def main(argv: list[str]) -> None:
         from mtkd_jax import experiment  # Heavy imports (Keras, TensorFlow) after parsing.
 
         experiment.run(config)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, WorkdirInUseError) as error:
         if flags.FLAGS.debug:
             raise
         print(f"error: {error}", file=sys.stderr)

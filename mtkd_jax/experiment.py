@@ -1,0 +1,832 @@
+"""One MTKD run, as a library function: `run(config) -> results`.
+
+    data ─► teacher (+ stage 0 prompts) ─► class text features, once ─► stage 1 (distil the
+    student on unlabeled images) ─► stage 2 (adapter on K shots) ─► evaluation ─► results.json,
+    results.png, the exported student
+
+`python -m mtkd_jax.main` and the notebooks call `run`. Every stage is trained by the same
+loop (`mtkd_jax.train.fit`); `mtkd_jax.stages` says what differs. The workdir holds everything
+the run writes (see the README, "The workdir"):
+
+    flags.json          the RunConfig of the run
+    metrics.jsonl       one JSON line per log step and evaluation (+ tensorboard/)
+    checkpoints/        atomic per-epoch checkpoints of every stage, and finished markers
+    text_features.npz   the teacher's class text features [C, D], computed once
+    teacher_prompts.npz the stage-0 deep prompts (read by stage 1)
+    student_stage1.weights.h5 / student_stage2.weights.h5   the student after each stage
+    results.json        accuracies per method: base, novel, hm, all
+    results.png         the same, as a bar chart
+    student.keras       the deployable student (image encoder + projector + adapter + classes)
+"""
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mtkd_jax import checkpoint, report, stages
+from mtkd_jax.config import RunConfig
+
+logger = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.json"
+PLOT_FILE = "results.png"
+TEXT_FEATURES_FILE = "text_features.npz"
+TEACHER_PROMPTS_FILE = "teacher_prompts.npz"
+EXPORT_FILE = "student.keras"
+
+
+def _import_keras():
+    """Keras with the JAX backend (set by `import mtkd_jax`)."""
+    import keras
+
+    if keras.backend.backend() != "jax":
+        raise ValueError(
+            "mtkd_jax trains with the JAX backend of Keras. Received KERAS_BACKEND="
+            f"{keras.backend.backend()!r}: set KERAS_BACKEND=jax before importing keras."
+        )
+    return keras
+
+
+# ---------------------------------------------------------------------------------------------
+# Small utilities
+
+
+def write_json_atomic(path: Path, payload) -> None:
+    """Writes JSON to a temporary file beside `path`, then renames it over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(descriptor, "w") as file:
+            json.dump(payload, file, indent=2, sort_keys=False)
+            file.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_npz_atomic(path: Path, **arrays) -> None:
+    """`np.savez` to a temporary file beside `path`, then renamed over `path` (no pickles)."""
+    path = Path(path)
+    descriptor, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
+    os.close(descriptor)
+    try:
+        np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_weights_atomic(model, path: Path) -> None:
+    """`model.save_weights` (Keras .weights.h5) to a temporary name, then renamed over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name[: -len('.weights.h5')]}.tmp.weights.h5")
+    model.save_weights(str(tmp))
+    os.replace(tmp, path)
+
+
+def accuracy(logits: np.ndarray, labels: np.ndarray, class_ids: np.ndarray) -> float:
+    """Accuracy among `class_ids` only, of the images whose label is in `class_ids`.
+
+    Args:
+      logits: `[N, C]` logits over all classes.
+      labels: `[N]` original label ids.
+      class_ids: the label ids competing (e.g. the novel classes).
+    """
+    keep = np.isin(labels, class_ids)
+    if not keep.any():
+        return float("nan")
+    restricted = logits[keep][:, class_ids]
+    return float(np.mean(class_ids[np.argmax(restricted, axis=1)] == labels[keep]))
+
+
+def base_novel_accuracies(
+    logits: np.ndarray, labels: np.ndarray, dataset, base_to_novel: bool
+) -> dict[str, float]:
+    """`{"base", "novel", "hm", "all"}` accuracies in [0, 1] from test logits `[N, C]`."""
+    result = {"all": accuracy(logits, labels, dataset.class_ids("all"))}
+    if base_to_novel:
+        base = accuracy(logits, labels, dataset.class_ids("base"))
+        novel = accuracy(logits, labels, dataset.class_ids("novel"))
+        result.update(base=base, novel=novel, hm=report.harmonic_mean(base, novel))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# The run's shared context
+
+
+@dataclasses.dataclass
+class Context:
+    """What every stage of one run reads: settings, devices, data, teacher, class features."""
+
+    config: RunConfig
+    workdir: Path
+    mesh: object
+    dataset: object
+    teacher: object
+    tokenizer: object
+    image_size: int
+    text_features: np.ndarray | None = None  # [C, D] normalised, of the (prompted) teacher
+    logit_scale: float = 0.0
+    results: dict = dataclasses.field(default_factory=dict)
+
+    def epoch_seed(self, stage: str, epoch: int) -> int:
+        """The data seed of `epoch` of `stage`: a function of (seed, stage, epoch) only."""
+        return int(self.config.seed) * 1_000_003 + hash_stage(stage) * 10_007 + epoch
+
+    @property
+    def trained_classes(self) -> np.ndarray:
+        """Label ids that the labeled stages train on: base classes, or all."""
+        which = "base" if self.config.base_to_novel else "all"
+        return self.dataset.class_ids(which)
+
+    def label_map(self) -> np.ndarray:
+        """int32 `[C]`: original label id -> row among `trained_classes` (-1 elsewhere)."""
+        mapping = np.full(self.dataset.num_classes, -1, np.int32)
+        mapping[self.trained_classes] = np.arange(len(self.trained_classes), dtype=np.int32)
+        return mapping
+
+
+def hash_stage(stage: str) -> int:
+    """A small stable integer per stage name (never Python's salted `hash`)."""
+    return sum((i + 1) * ord(ch) for i, ch in enumerate(stage)) % 9973
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+def build_teacher(config: RunConfig, prompt_length: int, prompt_depth: int):
+    """The teacher CLIP with fresh deep prompts of the given size (0: plain CLIP)."""
+    dtype = _model_dtype(config)
+    if config.teacher == "shapes":
+        from mtkd_jax.shapes_clip import load_shapes_clip
+
+        return load_shapes_clip(prompt_length, prompt_depth, dtype=dtype)
+    from mtkd_jax.clip import load
+
+    settings = None
+    if prompt_length:
+        settings = {
+            f"{tower}_prompt_{key}": value
+            for tower in ("vision", "text")
+            for key, value in (("length", prompt_length), ("depth", prompt_depth))
+        }
+    return load.load(config.teacher, prompts=settings, dtype=dtype or "float32")
+
+
+def _model_dtype(config: RunConfig):
+    return "mixed_bfloat16" if config.dtype == "bfloat16" else None
+
+
+def plain_copy(teacher):
+    """The same CLIP without deep prompts, sharing the teacher's (immutable) weight arrays."""
+    from mtkd_jax.clip import CLIP
+
+    config = teacher.config.replace(
+        vision_prompt_length=0, vision_prompt_depth=0, text_prompt_length=0, text_prompt_depth=0
+    )
+    plain = CLIP(config, dtype=teacher.dtype_policy, name=teacher.name)
+    values = {v.path: v.value for v in teacher.weights}
+    for variable in plain.weights:
+        variable.assign(values[variable.path])
+    plain.trainable = False
+    return plain
+
+
+def class_prompts(classnames: list[str], template: str, prompted: bool, prompt_length: int):
+    """The text of each class's prompt.
+
+    A plain CLIP reads the dataset's template ("a photo of a {}, a type of pet."). A CLIP with
+    text deep prompts reads "a photo of a {}." (PromptSRC's initialisation) whose first
+    `prompt_length` tokens the learned context vectors replace; other lengths use "X" tokens.
+    """
+    if not prompted:
+        return [template.format(name) for name in classnames]
+    prefix = "a photo of a" if prompt_length == 4 else " ".join(["X"] * prompt_length)
+    return [f"{prefix} {name}." for name in classnames]
+
+
+def class_token_ids(teacher, tokenizer, classnames, template) -> np.ndarray:
+    """int32 `[C, context_length]` token ids of the class prompts for `teacher`."""
+    config = teacher.config
+    texts = class_prompts(
+        classnames, template, config.text_prompt_depth > 0, config.text_prompt_length
+    )
+    return tokenizer.tokenize(texts, context_length=config.context_length)
+
+
+def save_prompts(teacher, path: Path) -> None:
+    """Writes the teacher's deep-prompt variables to `path` (.npz keyed by variable path)."""
+    save_npz_atomic(path, **{v.path: np.asarray(v.value) for v in teacher.prompt_variables()})
+
+
+def load_prompts(teacher, path: Path) -> None:
+    """Assigns the deep prompts saved by `save_prompts`; one error lists every mismatch."""
+    with np.load(path, allow_pickle=False) as archive:
+        saved = {key: archive[key] for key in archive.files}
+    variables = {v.path: v for v in teacher.prompt_variables()}
+    missing = sorted(set(variables) - set(saved))
+    unexpected = sorted(set(saved) - set(variables))
+    misshaped = sorted(
+        f"{k}: {saved[k].shape} != {tuple(variables[k].shape)}"
+        for k in set(saved) & set(variables)
+        if saved[k].shape != tuple(variables[k].shape)
+    )
+    if missing or unexpected or misshaped:
+        raise ValueError(
+            f"The teacher prompts in {path} do not fit the teacher (check "
+            "--teacher_prompt_length/--teacher_prompt_depth). "
+            f"Missing: {missing}. Unexpected: {unexpected}. Mis-shaped: {misshaped}."
+        )
+    for key, variable in variables.items():
+        variable.assign(saved[key])
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def load_data(config: RunConfig):
+    """The run's `FewShotDataset`."""
+    from mtkd_jax import data
+
+    return data.load_dataset(
+        config.dataset,
+        source=config.data_source,
+        root=config.data_root,
+        tfds_data_dir=config.tfds_data_dir or None,
+        seed=config.seed,
+        strict=config.strict_data,
+    )
+
+
+def training_batches(ctx: Context, split, stage: str, *, labeled: bool):
+    """`batches_for_epoch(epoch)` for `train.fit`, and the steps per epoch.
+
+    The data of an epoch is a function of (seed, stage, epoch) only, so a resumed run sees what
+    an uninterrupted one would. Unlabeled batches carry no "labels" key at all.
+    """
+    from mtkd_jax.data import pipeline
+
+    batch_size = ctx.config.batch_size
+    if len(split) < batch_size:
+        raise ValueError(
+            f"{stage} has {len(split)} training images, fewer than --batch_size={batch_size}. "
+            "Lower --batch_size or raise --shots."
+        )
+
+    def batches_for_epoch(epoch: int):
+        return pipeline.make_batches(
+            split,
+            image_size=ctx.image_size,
+            batch_size=batch_size,
+            training=True,
+            seed=ctx.epoch_seed(stage, epoch),
+            labeled=labeled,
+        )
+
+    return batches_for_epoch, pipeline.steps_per_epoch(len(split), batch_size, training=True)
+
+
+def predict_test_logits(ctx: Context, logits_fn, variables) -> tuple[np.ndarray, np.ndarray]:
+    """Logits over all classes `[N, C]` and labels `[N]` of every test image, each counted once.
+
+    `logits_fn(variables, images) -> [batch, C]` runs jitted on the batch sharded over devices;
+    the padded rows of the last batch are dropped using its mask.
+    """
+    import jax
+
+    from mtkd_jax import train
+    from mtkd_jax.data import pipeline
+
+    jitted = jax.jit(logits_fn, out_shardings=train.replicated_sharding(ctx.mesh))
+    variables = train.replicate(variables, ctx.mesh)
+    all_logits, all_labels = [], []
+    batches = pipeline.make_batches(
+        ctx.dataset.split("test"),
+        image_size=ctx.image_size,
+        batch_size=ctx.config.eval_batch_size,
+        training=False,
+        seed=0,
+        labeled=True,
+    )
+    for batch in batches:
+        images = train.shard_batch({"images": batch["images"]}, ctx.mesh)["images"]
+        logits = np.asarray(jax.device_get(jitted(variables, images)))
+        keep = np.asarray(batch["mask"], bool)
+        all_logits.append(logits[keep])
+        all_labels.append(np.asarray(batch["labels"])[keep])
+    return np.concatenate(all_logits), np.concatenate(all_labels)
+
+
+def evaluate_method(ctx: Context, method: str, logits_fn, variables) -> dict[str, float]:
+    """Evaluates one method on the test split and records it in `ctx.results`."""
+    started = time.perf_counter()
+    logits, labels = predict_test_logits(ctx, logits_fn, variables)
+    accuracies = base_novel_accuracies(logits, labels, ctx.dataset, ctx.config.base_to_novel)
+    accuracies["test_images"] = int(len(labels))
+    ctx.results.setdefault("methods", {})[method] = accuracies
+    shown = ", ".join(f"{k} {100 * v:.2f}" for k, v in accuracies.items() if k != "test_images")
+    print(f"[eval] {method}: {shown} ({len(labels)} test images, "
+          f"{time.perf_counter() - started:.1f}s)")  # fmt: skip
+    write_results(ctx)
+    return accuracies
+
+
+def write_results(ctx: Context) -> None:
+    """Writes `results.json` (atomically) with what has been measured so far."""
+    write_json_atomic(ctx.workdir / RESULTS_FILE, ctx.results)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+
+
+def fit_stage(ctx: Context, stage: str, model, loss_fn, frozen, split, *, labeled: bool, epochs):
+    """Trains `model`'s trainable variables with `loss_fn` by the shared loop; updates `model`.
+
+    The same function serves every stage: what differs is the model (and which of its variables
+    are trainable), the loss and the data.
+    """
+    from mtkd_jax import optim, train
+
+    config = ctx.config
+    batches_for_epoch, steps = training_batches(ctx, split, stage, labeled=labeled)
+    optimizer = optim.make_optimizer(
+        name=config.optimizer,
+        learning_rate=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        epochs=epochs,
+        warmup_epochs=min(config.warmup_epochs, epochs - 1),
+        warmup_lr=config.warmup_lr,
+        steps_per_epoch=steps,
+    )
+    trainable, non_trainable = train.model_variables(model)
+    state = train.init_train_state(
+        trainable, non_trainable, optimizer, seed=config.seed, mesh=ctx.mesh
+    )
+    step = train.make_train_step(loss_fn, optimizer, ctx.mesh, frozen=frozen)
+    print(
+        f"[{stage}] {len(split)} {'labeled' if labeled else 'unlabeled'} images, {epochs} epochs "
+        f"x {steps} steps of {config.batch_size}, "
+        f"{sum(int(np.prod(v.shape)) for v in model.trainable_variables):,} trainable parameters"
+    )
+    state = train.fit(
+        state,
+        step,
+        batches_for_epoch,
+        num_epochs=epochs,
+        steps_per_epoch=steps,
+        workdir=ctx.workdir,
+        stage_name=stage,
+        resume=config.resume,
+        log_every=config.log_every,
+        metadata={"config": dataclasses.asdict(config)},
+    )
+    train.assign_to_model(model, state.trainable, state.non_trainable)
+    return model
+
+
+def teacher_logits_fn(ctx: Context, teacher, text_features: np.ndarray):
+    """`fn((trainable, non_trainable), images) -> [batch, C]` teacher logits, for evaluation."""
+    import jax.numpy as jnp
+
+    text = jnp.asarray(text_features)
+
+    def fn(variables, images):
+        features = teacher.stateless_encode_image(*variables, images)
+        return stages.class_logits(features, text, ctx.logit_scale)
+
+    return fn
+
+
+def student_logits_fn(ctx: Context, student):
+    """`fn((trainable, non_trainable), images) -> [batch, C]` student logits, for evaluation."""
+    import jax.numpy as jnp
+
+    text = jnp.asarray(ctx.text_features)
+
+    def fn(variables, images):
+        features, _ = student.stateless_call(*variables, images, training=False)
+        return stages.class_logits(features, text, ctx.logit_scale)
+
+    return fn
+
+
+def text_features_of(teacher, token_ids: np.ndarray) -> np.ndarray:
+    """Normalised class text features `[C, D]` (float32) of `teacher` for `token_ids`."""
+    import jax
+
+    from mtkd_jax import train
+
+    features = jax.jit(teacher.stateless_encode_text)(*train.model_variables(teacher), token_ids)
+    return np.asarray(stages.normalize(features))
+
+
+def run_teacher_stage(ctx: Context) -> None:
+    """Stage 0: deep-prompt tuning of the teacher on the K-shot labels; writes its prompts."""
+    import jax.numpy as jnp
+
+    from mtkd_jax import train
+
+    config, dataset, teacher = ctx.config, ctx.dataset, ctx.teacher
+    if not teacher.prompt_variables():
+        raise ValueError(
+            "Stage 0 tunes the teacher's deep prompts, and this teacher has none: set "
+            "--teacher_prompt_length and --teacher_prompt_depth above 0."
+        )
+    plain = plain_copy(teacher)
+    teacher.freeze_encoders()
+    few_shot, _ = dataset.few_shot(config.shots, config.seed)
+    split = dataset.subsample(few_shot, "base" if config.base_to_novel else "all")
+    names = [dataset.classnames[i] for i in ctx.trained_classes]
+    template = dataset.templates[0]
+    frozen = {
+        "token_ids": jnp.asarray(class_token_ids(teacher, ctx.tokenizer, names, template)),
+        "plain_text": jnp.asarray(
+            text_features_of(plain, class_token_ids(plain, ctx.tokenizer, names, template))
+        ),
+        "plain": train.model_variables(plain),
+        "label_map": jnp.asarray(ctx.label_map()),
+        "scale": jnp.float32(ctx.logit_scale),
+    }
+    loss_fn = stages.teacher_prompt_loss(
+        teacher,
+        plain,
+        regularise=config.prompt_regularisation,
+        text_weight=config.prompt_reg_text_weight,
+        image_weight=config.prompt_reg_image_weight,
+        logit_weight=config.prompt_reg_logit_weight,
+    )
+    fit_stage(
+        ctx, "stage0", teacher, loss_fn, frozen, split, labeled=True, epochs=config.epochs_for("0")
+    )
+    save_prompts(teacher, ctx.workdir / TEACHER_PROMPTS_FILE)
+
+
+# The offline demo's student: a ViT trained from scratch, ~7x fewer image FLOPs than the
+# shapes teacher (`mtkd_jax.clip.image_encoder_flops`).
+TINY_VIT = {
+    "embed_dim": 64, "image_size": 32, "patch_size": 4, "vision_width": 64, "vision_layers": 2,
+    "vision_heads": 2, "text_width": 64, "text_layers": 1, "text_heads": 2,
+}  # fmt: skip
+STUDENT_KINDS = ("tiny_vit", "clip:<CLIP source>", "keras_hub:<image backbone preset>")
+
+
+def build_student(ctx: Context, *, adapter: bool):
+    """A fresh student for `--student`, with the residual adapter in use for stage 2.
+
+    `tiny_vit` (the demo's) is trained whole from random weights; `clip:<source>` is the
+    paper's frozen CLIP image encoder with visual deep prompts; `keras_hub:<preset>` a light
+    keras-hub backbone trained whole.
+    """
+    from mtkd_jax import student as student_lib
+    from mtkd_jax.clip import CLIPConfig, load
+
+    config, spec = ctx.config, ctx.config.student
+    common = dict(
+        use_adapter=adapter,
+        adapter_reduction=config.reduction,
+        adapter_ratio=config.residual_ratio,
+        dtype=_model_dtype(config),
+    )
+    teacher_dim = ctx.teacher.config.embed_dim
+    if spec == "tiny_vit":
+        vit = CLIPConfig(**{**TINY_VIT, "image_size": ctx.image_size})
+        student = student_lib.clip_student(
+            vit,
+            teacher_dim,
+            prompt_length=config.student_prompt_length,
+            prompt_depth=config.student_prompt_depth,
+            **common,
+        )
+        if not adapter:  # From scratch: the whole encoder learns in stage 1.
+            for layer in student.encoder.encoder_layers():
+                layer.trainable = True
+        return student
+    if spec.startswith("clip:"):
+        clip = load.load(spec[len("clip:") :], dtype=_model_dtype(config) or "float32")
+        return student_lib.clip_student(
+            clip,
+            teacher_dim,
+            prompt_length=config.student_prompt_length,
+            prompt_depth=config.student_prompt_depth,
+            **common,
+        )
+    if spec.startswith("keras_hub:"):
+        return student_lib.backbone_student(spec[len("keras_hub:") :], teacher_dim, **common)
+    raise ValueError(f"Unknown --student={spec!r}. Valid kinds: {', '.join(STUDENT_KINDS)}.")
+
+
+def unlabeled_pool(ctx: Context):
+    """Stage-1 images: the K-shot training set or the whole training split (labels unused)."""
+    if ctx.config.unlabeled_pool == "train":
+        return ctx.dataset.split("train")
+    few_shot, _ = ctx.dataset.few_shot(ctx.config.shots, ctx.config.seed)
+    return few_shot
+
+
+def run_distillation_stage(ctx: Context, stage: str, loss_weights) -> object:
+    """Stage 1: distil the teacher into a fresh student on unlabeled images; returns it."""
+    import jax.numpy as jnp
+
+    from mtkd_jax import train
+
+    config = ctx.config
+    student = build_student(ctx, adapter=False)
+    frozen = {
+        "teacher": train.model_variables(ctx.teacher),
+        "text": jnp.asarray(ctx.text_features),
+        "scale": jnp.float32(ctx.logit_scale),
+    }
+    loss_fn = stages.distillation_loss(
+        student,
+        ctx.teacher,
+        temperatures=config.temperatures,
+        weights=loss_weights,
+        kd_weight=config.kd_weight,
+    )
+    fit_stage(
+        ctx,
+        stage,
+        student,
+        loss_fn,
+        frozen,
+        unlabeled_pool(ctx),
+        labeled=False,
+        epochs=config.epochs_for("1"),
+    )
+    save_weights_atomic(student, ctx.workdir / f"student_{stage}.weights.h5")
+    return student
+
+
+def run_classification_stage(ctx: Context, stage: str, student) -> object:
+    """Cross-entropy on the K-shot labeled images of the trained classes (stage 2, baseline)."""
+    import jax.numpy as jnp
+
+    config = ctx.config
+    few_shot, _ = ctx.dataset.few_shot(config.shots, config.seed)
+    split = ctx.dataset.subsample(few_shot, "base" if config.base_to_novel else "all")
+    frozen = {
+        "text": jnp.asarray(ctx.text_features[ctx.trained_classes]),
+        "scale": jnp.float32(ctx.logit_scale),
+        "label_map": jnp.asarray(ctx.label_map()),
+    }
+    loss_fn = stages.classification_loss(student)
+    fit_stage(
+        ctx, stage, student, loss_fn, frozen, split, labeled=True, epochs=config.epochs_for("2")
+    )
+    save_weights_atomic(student, ctx.workdir / f"student_{stage}.weights.h5")
+    return student
+
+
+def stage1_weights(ctx: Context) -> Path:
+    """The stage-1 student of this workdir, or one clear error naming the command to make it."""
+    path = ctx.workdir / "student_stage1.weights.h5"
+    if not path.is_file() or not checkpoint.is_finished(ctx.workdir, "stage1"):
+        command = (
+            f"python -m mtkd_jax.main --stage=1 --dataset={ctx.config.dataset} "
+            f"--shots={ctx.config.shots} --seed={ctx.config.seed} --workdir={ctx.workdir}"
+        )
+        raise FileNotFoundError(
+            f"Stage 2 needs the stage-1 student in {ctx.workdir} ({path.name} and a finished "
+            f"stage1), and it is not there. Make it with:\n  {command}"
+        )
+    return path
+
+
+def run_adapter_stage(ctx: Context):
+    """Stage 2: freeze the stage-1 student, switch on its residual adapter, train only that."""
+    student = build_student(ctx, adapter=True)
+    student.load_weights(str(stage1_weights(ctx)))
+    return run_classification_stage(ctx, "stage2", student)
+
+
+def _supervised_student(ctx: Context):
+    """The baseline: the same student architecture, trained on the K labeled shots alone."""
+    return build_student(ctx, adapter=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def _stages_to_run(config: RunConfig) -> list[str]:
+    return ["0", "1", "2"] if config.stage == "all" else [config.stage]
+
+
+def _prepare_workdir(config: RunConfig) -> Path:
+    """Creates the workdir and records the flags; refuses a finished run unless told otherwise."""
+    import shutil
+
+    workdir = Path(config.workdir)
+    results = workdir / RESULTS_FILE
+    if config.overwrite and workdir.exists():
+        print(f"--overwrite: removing the previous run in {workdir}")
+        shutil.rmtree(workdir)
+    elif results.exists() and not config.resume and config.stage == "all":
+        raise FileExistsError(
+            f"{workdir} already holds a finished run ({results}). Nothing is overwritten "
+            "silently: pass --resume to reuse its finished stages, --overwrite to start afresh, "
+            "or choose another --workdir."
+        )
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(workdir / "flags.json", dataclasses.asdict(config))
+    return workdir
+
+
+def _check_devices(config: RunConfig, mesh) -> None:
+    devices = mesh.devices.size
+    for name in ("batch_size", "eval_batch_size"):
+        value = getattr(config, name)
+        if value % devices:
+            raise ValueError(
+                f"--{name}={value} does not split evenly over the {devices} devices; choose a "
+                f"multiple of {devices} (e.g. --{name}={devices * max(1, value // devices)})."
+            )
+
+
+def _teacher_prompts_source(config: RunConfig, workdir: Path) -> Path | None:
+    """Where stage 1 takes the teacher's prompts from (None: the teacher has none)."""
+    if config.teacher_prompts:
+        return Path(config.teacher_prompts)
+    saved = workdir / TEACHER_PROMPTS_FILE
+    if saved.is_file():
+        return saved
+    if config.teacher_prompt_length == 0:
+        return None
+    raise FileNotFoundError(
+        f"Stage 1 needs a prompt-tuned teacher and {workdir} has no {TEACHER_PROMPTS_FILE}. "
+        "Run stage 0 first (python -m mtkd_jax.main --stage=0 with the same --dataset, --shots, "
+        "--seed and --workdir), pass --teacher_prompts=<PromptKD model-best.pth.tar>, or set "
+        "--teacher_prompt_length=0 to distil the plain CLIP."
+    )
+
+
+def _load_teacher_prompts(ctx: Context, source: Path) -> None:
+    """Puts stage-0 prompts (ours, .npz) or a PromptKD/PromptSRC checkpoint onto the teacher."""
+    if source.suffix == ".npz":
+        load_prompts(ctx.teacher, source)
+        return
+    from mtkd_jax.clip import load
+
+    ctx.teacher = load.load(ctx.config.teacher, prompts=str(source), dtype=ctx.teacher.dtype_policy)
+
+
+def _set_class_features(ctx: Context) -> None:
+    """Computes the teacher's class text features once and stores them in the workdir."""
+    dataset = ctx.dataset
+    token_ids = class_token_ids(
+        ctx.teacher, ctx.tokenizer, dataset.classnames, dataset.templates[0]
+    )
+    ctx.text_features = text_features_of(ctx.teacher, token_ids)
+    save_npz_atomic(
+        ctx.workdir / TEXT_FEATURES_FILE,
+        text_features=ctx.text_features,
+        logit_scale=np.float32(ctx.logit_scale),
+        classnames=np.asarray(dataset.classnames, dtype=str),
+    )
+
+
+def run(config: RunConfig) -> dict:
+    """Runs the stages of `config` end to end; returns the results (also in results.json)."""
+    keras = _import_keras()
+    from mtkd_jax import train
+    from mtkd_jax.clip import load
+
+    config.validate()
+    workdir = _prepare_workdir(config)
+    keras.utils.set_random_seed(config.seed)
+    mesh = train.make_mesh()
+    _check_devices(config, mesh)
+    dataset = load_data(config)
+    stages_to_run = _stages_to_run(config)
+    run_stage0 = "0" in stages_to_run and not (config.stage == "all" and config.teacher_prompts)
+    prompt_length = config.teacher_prompt_length
+    teacher = build_teacher(
+        config, prompt_length, config.teacher_prompt_depth if prompt_length else 0
+    )
+    tokenizer = (
+        load.load_tokenizer(None)
+        if config.teacher == "shapes"
+        else load.load_tokenizer(config.teacher)
+    )
+    ctx = Context(
+        config=config,
+        workdir=workdir,
+        mesh=mesh,
+        dataset=dataset,
+        teacher=teacher,
+        tokenizer=tokenizer,
+        image_size=config.image_size or teacher.config.image_size,
+        logit_scale=float(np.asarray(teacher.logit_scale.value)),
+    )
+    previous = workdir / RESULTS_FILE
+    if previous.is_file():
+        with open(previous) as file:
+            ctx.results = json.load(file)
+    ctx.results.update(
+        dataset=config.dataset,
+        shots=config.shots,
+        seed=config.seed,
+        config=dataclasses.asdict(config),
+        devices=int(mesh.devices.size),
+    )
+    ctx.results.setdefault("methods", {})
+    print(
+        f"mtkd_jax: {config.dataset} ({dataset.num_classes} classes, source {dataset.source}), "
+        f"{config.shots} shots, seed {config.seed}, stages {','.join(stages_to_run)}, "
+        f"{mesh.devices.size} device(s), workdir {workdir}"
+    )
+
+    if "zero_shot" in config.baselines:
+        _evaluate_zero_shot(ctx)
+    if run_stage0:
+        run_teacher_stage(ctx)
+    if "1" in stages_to_run or "2" in stages_to_run:
+        if not run_stage0:
+            source = _teacher_prompts_source(config, workdir)
+            if source is not None:
+                _load_teacher_prompts(ctx, source)
+        _set_class_features(ctx)
+        teacher_fn = teacher_logits_fn(ctx, ctx.teacher, ctx.text_features)
+        teacher_accuracy = evaluate_method(
+            ctx, "teacher", teacher_fn, train.model_variables(ctx.teacher)
+        )
+        if run_stage0:
+            ctx.results["methods"]["teacher_stage0"] = dict(teacher_accuracy)
+    elif run_stage0:
+        _set_class_features(ctx)
+        teacher_fn = teacher_logits_fn(ctx, ctx.teacher, ctx.text_features)
+        accuracy_ = evaluate_method(ctx, "teacher", teacher_fn, train.model_variables(ctx.teacher))
+        ctx.results["methods"]["teacher_stage0"] = dict(accuracy_)
+
+    if "1" in stages_to_run:
+        student = run_distillation_stage(ctx, "stage1", config.loss_weights)
+        evaluate_method(ctx, "student_stage1", student_logits_fn(ctx, student),
+                        train.model_variables(student))  # fmt: skip
+        if "instance_only" in config.baselines:
+            ablation = run_distillation_stage(ctx, "stage1_instance_only", (1.0, 0.0, 0.0))
+            evaluate_method(ctx, "student_stage1_instance_only", student_logits_fn(ctx, ablation),
+                            train.model_variables(ablation))  # fmt: skip
+    if "2" in stages_to_run:
+        student = run_adapter_stage(ctx)
+        evaluate_method(ctx, "student_stage2", student_logits_fn(ctx, student),
+                        train.model_variables(student))  # fmt: skip
+        if config.export:
+            export_student(ctx, student)
+        if "supervised" in config.baselines:
+            baseline = run_classification_stage(ctx, "supervised", _supervised_student(ctx))
+            evaluate_method(ctx, "student_supervised", student_logits_fn(ctx, baseline),
+                            train.model_variables(baseline))  # fmt: skip
+    finish(ctx)
+    return ctx.results
+
+
+def _evaluate_zero_shot(ctx: Context) -> None:
+    """The teacher without any prompt, on the dataset's template: CLIP's zero-shot accuracy."""
+    from mtkd_jax import train
+
+    plain = plain_copy(ctx.teacher)
+    names, template = ctx.dataset.classnames, ctx.dataset.templates[0]
+    text = text_features_of(plain, class_token_ids(plain, ctx.tokenizer, names, template))
+    evaluate_method(
+        ctx, "teacher_zero_shot", teacher_logits_fn(ctx, plain, text), train.model_variables(plain)
+    )
+
+
+def finish(ctx: Context) -> None:
+    """Writes results.json and results.png and prints the results table."""
+    write_results(ctx)
+    report.plot_results(ctx.results, ctx.workdir / PLOT_FILE)
+    print(report.format_results_table(ctx.results))
+    print(f"Results: {ctx.workdir / RESULTS_FILE}, plot: {ctx.workdir / PLOT_FILE}")
+
+
+def export_student(ctx: Context, student) -> Path:
+    """Writes `<workdir>/student.keras`: the deployable student with its classes."""
+    from mtkd_jax.export import export_classifier
+
+    path = export_classifier(
+        student,
+        ctx.text_features,
+        ctx.logit_scale,
+        list(ctx.dataset.classnames),
+        ctx.image_size,
+        ctx.workdir / EXPORT_FILE,
+    )
+    print(f"[export] {path} (predict with: python -m mtkd_jax.predict --model={path} IMAGE...)")
+    return path

@@ -1,0 +1,68 @@
+"""Classify image files with an exported student: no teacher, no text encoder.
+
+    python -m mtkd_jax.predict --model=runs/shapes_4shot_seed1/student.keras a.png b.jpg
+
+Prints the top-k classes of every image with their probabilities. Images get CLIP's evaluation
+transform (`mtkd_jax.data.preprocess.eval_transform`), the one evaluation uses.
+"""
+
+import sys
+
+import numpy as np
+from absl import app, flags
+
+flags.DEFINE_string("model", None, "The exported student (.keras), e.g. <workdir>/student.keras.")
+flags.DEFINE_integer("top_k", 5, "How many classes to print per image.")
+flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
+FLAGS = flags.FLAGS
+
+
+def load_images(paths: list[str], image_size: int) -> np.ndarray:
+    """Reads and transforms image files: float32 `[N, image_size, image_size, 3]`."""
+    from mtkd_jax.data import preprocess
+
+    tf = preprocess.tf
+    images = []
+    for path in paths:
+        try:
+            image = preprocess.decode_rgb(tf.io.read_file(path))
+        except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as error:
+            raise ValueError(f"Cannot read the image {path!r}: {error.message}") from None
+        images.append(preprocess.eval_transform(image, image_size).numpy())
+    return np.stack(images)
+
+
+def predict(model, paths: list[str], *, top_k: int = 5, batch_size: int = 32):
+    """`[(path, [(classname, probability), ...]), ...]`: the top-k classes of each image."""
+    top_k = min(top_k, model.num_classes)
+    predictions = []
+    for start in range(0, len(paths), batch_size):
+        chunk = paths[start : start + batch_size]
+        logits = np.asarray(model(load_images(chunk, model.image_size)), np.float64)
+        probabilities = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probabilities /= probabilities.sum(axis=1, keepdims=True)
+        for path, row in zip(chunk, probabilities, strict=True):
+            best = np.argsort(-row)[:top_k]
+            predictions.append((path, [(model.classnames[i], float(row[i])) for i in best]))
+    return predictions
+
+
+def main(argv: list[str]) -> None:
+    paths = argv[1:]
+    if not FLAGS.model or not paths:
+        raise app.UsageError("Usage: python -m mtkd_jax.predict --model=FILE.keras IMAGE...")
+    from mtkd_jax.export import load_classifier
+
+    try:
+        model = load_classifier(FLAGS.model)
+        results = predict(model, paths, top_k=FLAGS.top_k, batch_size=FLAGS.batch_size)
+    except (ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    for path, top in results:
+        shown = ", ".join(f"{name} {100 * p:.1f}%" for name, p in top)
+        print(f"{path}: {shown}")
+
+
+if __name__ == "__main__":
+    app.run(main)
