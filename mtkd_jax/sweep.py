@@ -26,6 +26,7 @@ import shlex
 import subprocess
 import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -147,6 +148,16 @@ def subprocess_runner(job: Job) -> int:
         return subprocess.run(job.command, stdout=log, stderr=subprocess.STDOUT).returncode
 
 
+def _log_exception(job: Job, error: Exception) -> None:
+    """Appends the runner's traceback to the job's log, so the log path we report explains it."""
+    try:
+        job.workdir.mkdir(parents=True, exist_ok=True)
+        with open(job.log_path, "a", encoding="utf-8") as log:
+            log.write("".join(traceback.format_exception(error)))
+    except OSError:
+        pass
+
+
 def run_jobs(jobs: Sequence[Job], runner: Runner = subprocess_runner, *, progress: bool = True):
     """Runs every job not finished yet, one after the other; a failing job does not stop the rest.
 
@@ -169,6 +180,7 @@ def run_jobs(jobs: Sequence[Job], runner: Runner = subprocess_runner, *, progres
             status = runner(job)
         except Exception as error:  # One broken run must not stop the grid.
             reason = f"the runner raised {type(error).__name__}: {error}"
+            _log_exception(job, error)
         else:
             if status != 0:
                 reason = f"exit status {status}"
