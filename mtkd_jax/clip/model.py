@@ -32,6 +32,7 @@ from mtkd_jax.clip.config import CLIPConfig
 PROMPT_INIT_STDDEV = 0.02
 
 
+@keras.saving.register_keras_serializable(package="mtkd_jax")
 class VisionEmbedding(layers.Layer):
     """Patch embedding (conv, no bias) + class token + learned positions.
 
@@ -80,6 +81,7 @@ class VisionEmbedding(layers.Layer):
         }
 
 
+@keras.saving.register_keras_serializable(package="mtkd_jax")
 class TextEmbedding(layers.Layer):
     """Token embedding `[vocab, width]` and learned positions `[context, width]`.
 
@@ -118,6 +120,7 @@ class TextEmbedding(layers.Layer):
         }
 
 
+@keras.saving.register_keras_serializable(package="mtkd_jax")
 class DeepPrompts(layers.Layer):
     """Learnable prompt tokens of layers `0 … depth-1`: variables `prompt_<i>` `[length, width]`."""
 
@@ -161,6 +164,7 @@ def _encoder_layers(width, heads, num_layers, activation, causal, dtype):
     ]
 
 
+@keras.saving.register_keras_serializable(package="mtkd_jax")
 class VisionTransformer(layers.Layer):
     """CLIP image encoder: images `[batch, H, W, 3]` (CLIP-normalised) → features `[batch, embed]`.
 
@@ -244,6 +248,7 @@ class VisionTransformer(layers.Layer):
         }
 
 
+@keras.saving.register_keras_serializable(package="mtkd_jax")
 class TextTransformer(layers.Layer):
     """CLIP text encoder: token ids `[batch, context]` → features `[batch, embed]`.
 
@@ -351,6 +356,24 @@ def vision_transformer(config: CLIPConfig, *, dtype=None, name: str = "visual"):
     )
     tower.build()
     return tower
+
+
+def class_token_ids(
+    classnames, tokenizer, config: CLIPConfig, template: str = "a photo of a {}."
+) -> np.ndarray:
+    """Token ids of one prompt per class, `[num_classes, context_length]` int32.
+
+    Without text prompts: `template.format(name)`. With text prompts of length `n`:
+    `"X X … X {name}."` (n placeholders, as PromptKD builds them); the placeholders sit at
+    positions `1 … n` and are replaced by the learned context inside the model. Underscores in
+    class names become spaces.
+    """
+    names = [str(name).replace("_", " ") for name in classnames]
+    if config.text_prompt_length:
+        texts = [" ".join(["X"] * config.text_prompt_length) + f" {name}." for name in names]
+    else:
+        texts = [template.format(name) for name in names]
+    return np.asarray(tokenizer.tokenize(texts, context_length=config.context_length), np.int32)
 
 
 @keras.saving.register_keras_serializable(package="mtkd_jax")
