@@ -56,10 +56,10 @@ def eval_transform(image, size: int):
     shape = tf.shape(image)
     h, w = shape[0], shape[1]
     short = tf.minimum(h, w)
-    # int(size * long / short), computed in float64 like Python does.
-    scale = tf.cast(size, tf.float64) / tf.cast(short, tf.float64)
-    new_h = tf.where(h <= w, size, tf.cast(tf.cast(h, tf.float64) * scale, tf.int32))
-    new_w = tf.where(h <= w, tf.cast(tf.cast(w, tf.float64) * scale, tf.int32), size)
+    # torchvision's int(size * long / short), exactly, in integers.
+    long_side = (size * tf.maximum(h, w)) // short
+    new_h = tf.where(h <= w, size, long_side)
+    new_w = tf.where(h <= w, long_side, size)
     resized = resize_bicubic(image, new_h, new_w)
     top = tf.cast(tf.round(tf.cast(new_h - size, tf.float32) / 2.0), tf.int32)
     left = tf.cast(tf.round(tf.cast(new_w - size, tf.float32) / 2.0), tf.int32)
