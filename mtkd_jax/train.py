@@ -390,7 +390,7 @@ def make_eval_step(
     mesh: Mesh,
     *,
     frozen: Any = None,
-    label_key: str = "label",
+    label_key: str = "labels",
     mask_key: str = "mask",
 ) -> EvalStep:
     """Builds the jitted evaluation step: correct predictions and counted examples of a batch.
@@ -400,7 +400,7 @@ def make_eval_step(
             with `frozen` given, `frozen` is passed as a fourth argument.
         mesh: from `make_mesh`.
         frozen: optional replicated pytree passed to `predict_fn` (see `make_train_step`).
-        label_key: the batch entry with int labels `[batch]`.
+        label_key: the batch entry with int labels `[batch]` (the data pipeline's "labels").
         mask_key: the optional batch entry `[batch]` (bool or 0/1) marking real rows; padded rows
             (mask 0) are not counted.
 
@@ -512,14 +512,10 @@ class _MetricsLog:
 
 
 def _tensorflow_on_cpu():
-    """TensorFlow for `tf.summary`, kept off accelerators (JAX owns them)."""
-    import tensorflow as tf
+    """TensorFlow for `tf.summary`, kept off accelerators (JAX owns them), imported lazily."""
+    from mtkd_jax.data.tf_setup import import_tensorflow
 
-    try:
-        tf.config.set_visible_devices([], "GPU")
-    except (RuntimeError, ValueError):
-        pass  # already initialised: devices can no longer change.
-    return tf
+    return import_tensorflow()
 
 
 def _is_number(value) -> bool:

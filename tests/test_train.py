@@ -290,13 +290,13 @@ def test_eval_step_counts_only_unmasked_rows():
         batches.append(
             {
                 "x": rng.normal(size=(BATCH, FEATURES)).astype(np.float32),
-                "label": rng.integers(0, 5, size=BATCH).astype(np.int32),
+                "labels": rng.integers(0, 5, size=BATCH).astype(np.int32),
                 "mask": rng.random(BATCH) > 0.3,
             }
         )
     step = train.make_eval_step(lambda tr, nt, b: b["x"] @ tr[0], mesh)
     result = train.evaluate(step, [jnp.asarray(weights)], [], batches)
-    hits = [(np.argmax(b["x"] @ weights, -1) == b["label"])[b["mask"]] for b in batches]
+    hits = [(np.argmax(b["x"] @ weights, -1) == b["labels"])[b["mask"]] for b in batches]
     expected = np.concatenate(hits)
     assert result["count"] == expected.size
     assert result["correct"] == int(expected.sum())
