@@ -5,11 +5,11 @@
         [--output=runs/sweep/table.md] [-- --epochs=5]
 
 Each (dataset, seed) runs `python -m mtkd_jax.main --flagfile=... --dataset=D --seed=S
---workdir=<root>/<D>/seed<S> --resume [extra flags]` as its own process, so one failure does not
-stop the grid; its output goes to `<workdir>/log.txt`. A workdir that already holds a
-`results.json` is skipped; an interrupted one continues from its last checkpoint (`--resume`).
-At the end every `results.json` under the root is aggregated (`mtkd_jax.report`) into a markdown
-table, printed and written to `--output`; failed runs are listed with their logs.
+--workdir=<root>/<D>/seed<S> --resume --nooverwrite [extra flags]` as its own process, so one
+failure does not stop the grid; its output goes to `<workdir>/log.txt`. A workdir that already
+holds a `results.json` is skipped; an interrupted one continues from its last checkpoint
+(`--resume`). At the end every `results.json` under the root is aggregated (`mtkd_jax.report`)
+into a markdown table, printed and written to `--output`; failed runs are listed with their logs.
 
 `--flagfile` here is not absl's: the sweep keeps it (and everything after `--`) for the runs.
 Run from the repository root: absl reads nested `--flagfile=flags/paper.flags` lines relative
@@ -113,6 +113,8 @@ def plan_jobs(
         workdir_root: the root under which each run gets `<dataset>/seed<seed>`.
         extra_args: flags appended to every command, after the grid's own (so they win).
         resume: add `--resume` so a run interrupted earlier continues from its checkpoint.
+            Every command also gets `--nooverwrite`: the sweep never deletes a workdir (and the
+            log it writes there); pass `-- --overwrite` yourself to start runs afresh.
         python: the interpreter that runs `-m mtkd_jax.main`.
     """
     if not datasets:
@@ -134,6 +136,7 @@ def plan_jobs(
             command += [f"--flagfile={flagfile}" for flagfile in flagfiles]
             command += [f"--dataset={dataset}", f"--seed={seed}", f"--workdir={workdir}"]
             command += ["--resume"] if resume else []
+            command += ["--nooverwrite"]  # An --overwrite from a flag file would delete the log.
             command += list(extra_args)
             jobs.append(Job(dataset, int(seed), workdir, tuple(command)))
     return jobs

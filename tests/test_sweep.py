@@ -90,6 +90,7 @@ def test_commands_carry_flagfiles_grid_flags_and_extra_flags_last(tmp_path):
         "--seed=7",
         f"--workdir={workdir}",
         "--resume",
+        "--nooverwrite",
         "--epochs=5",
         "--batch_size=4",
     )
@@ -132,7 +133,8 @@ def test_dry_run_prints_commands_and_runs_nothing(tmp_path, capsys):
     )
     lines = capsys.readouterr().out.splitlines()
     assert status == 0 and runner.calls == [] and not any(tmp_path.iterdir())
-    assert len(lines) == 2 and lines[1].endswith(f"--workdir={tmp_path}/dtd/seed2 --resume --x=1")
+    assert len(lines) == 2
+    assert lines[1].endswith(f"--workdir={tmp_path}/dtd/seed2 --resume --nooverwrite --x=1")
 
 
 def test_missing_flagfile_is_a_clear_error(tmp_path):
@@ -170,5 +172,5 @@ def test_command_line_passes_flagfile_and_extra_flags_to_the_runs(tmp_path):
     assert len(lines) == 2
     assert lines[0].endswith(
         f"-m mtkd_jax.main --flagfile=flags/smoke.flags --dataset=oxford_pets --seed=3 "
-        f"--workdir={tmp_path}/oxford_pets/seed3 --resume --epochs=5"
+        f"--workdir={tmp_path}/oxford_pets/seed3 --resume --nooverwrite --epochs=5"
     )
