@@ -7,9 +7,11 @@
 Each (dataset, seed) runs `python -m mtkd_jax.main --flagfile=... --dataset=D --seed=S
 --workdir=<root>/<D>/seed<S> --resume --nooverwrite [extra flags]` as its own process, so one
 failure does not stop the grid; its output goes to `<workdir>/log.txt`. A workdir that already
-holds a `results.json` is skipped; an interrupted one continues from its last checkpoint
-(`--resume`). At the end every `results.json` under the root is aggregated (`mtkd_jax.report`)
-into a markdown table, printed and written to `--output`; failed runs are listed with their logs.
+holds a finished `results.json` is skipped; an interrupted one continues from its last
+checkpoint (`--resume`). A `results.json` counts as finished unless it says `"finished": false`
+(which a run may write while it runs). At the end every finished `results.json` under the root
+is aggregated (`mtkd_jax.report`) into a markdown table, printed and written to `--output`;
+failed runs are listed with their logs.
 
 `--flagfile` here is not absl's: the sweep keeps it (and everything after `--`) for the runs.
 Run from the repository root: absl reads nested `--flagfile=flags/paper.flags` lines relative
@@ -73,7 +75,25 @@ class Job:
         return f"{self.dataset} seed {self.seed}"
 
     def is_finished(self) -> bool:
-        return self.results_path.is_file()
+        return is_finished_results(self.results_path)
+
+
+def _read_results(path: Path) -> dict:
+    """The results dict in `path`; ValueError or OSError when it is not one."""
+    with open(path, encoding="utf-8") as stream:
+        results = json.load(stream)
+    if not isinstance(results, dict) or "methods" not in results:
+        raise ValueError('no "methods" key')
+    return results
+
+
+def is_finished_results(path: str | os.PathLike) -> bool:
+    """Whether `path` holds the results of a finished run: a readable results.json that does
+    not say `"finished": false` (a run may write its results so far while it runs, marked so)."""
+    try:
+        return _read_results(Path(path)).get("finished", True) is not False
+    except (OSError, ValueError):
+        return False
 
 
 # A runner runs one job to its end and returns the exit status (0: success).
@@ -164,8 +184,8 @@ def _log_exception(job: Job, error: Exception) -> None:
 def run_jobs(jobs: Sequence[Job], runner: Runner = subprocess_runner, *, progress: bool = True):
     """Runs every job not finished yet, one after the other; a failing job does not stop the rest.
 
-    A job counts as finished when its workdir holds `results.json` (before: skipped; after: done).
-    A runner that raises, returns non-zero, or leaves no `results.json` fails that job.
+    A job counts as finished when its workdir holds a finished `results.json` (before: skipped;
+    after: done). A runner that raises, returns non-zero, or leaves none fails that job.
 
     Returns:
         A `SweepOutcome`.
@@ -188,7 +208,7 @@ def run_jobs(jobs: Sequence[Job], runner: Runner = subprocess_runner, *, progres
             if status != 0:
                 reason = f"exit status {status}"
             elif not job.is_finished():
-                reason = f"exit status 0 but no {RESULTS_FILE} in {job.workdir}"
+                reason = f"exit status 0 but no finished {RESULTS_FILE} in {job.workdir}"
             else:
                 reason = ""
         seconds = time.perf_counter() - start
@@ -202,17 +222,17 @@ def run_jobs(jobs: Sequence[Job], runner: Runner = subprocess_runner, *, progres
 
 
 def collect_results(workdir_root: str | os.PathLike) -> list[dict]:
-    """Every readable `results.json` under `workdir_root`, in path order; unreadable ones are
-    reported on stderr and left out."""
+    """Every finished run's `results.json` under `workdir_root`, in path order; unreadable or
+    unfinished ones are reported on stderr and left out."""
     found = []
     for path in sorted(Path(workdir_root).rglob(RESULTS_FILE)):
         try:
-            with open(path, encoding="utf-8") as stream:
-                results = json.load(stream)
-            if not isinstance(results, dict) or "methods" not in results:
-                raise ValueError('no "methods" key')
+            results = _read_results(path)
         except (OSError, ValueError) as error:
             print(f"warning: left out {path}: {error}", file=sys.stderr)
+            continue
+        if results.get("finished", True) is False:
+            print(f"warning: left out {path}: the run has not finished", file=sys.stderr)
             continue
         found.append(results)
     return found

@@ -120,7 +120,7 @@ def test_a_failing_run_is_reported_and_the_others_still_run(tmp_path, capsys):
         assert f"dtd seed {seed}: " in captured.err and reason in captured.err
         assert str(tmp_path / "dtd" / f"seed{seed}" / "log.txt") in captured.err
     assert "RuntimeError: out of memory" in (tmp_path / "dtd" / "seed2" / "log.txt").read_text()
-    assert "dtd seed 3: exit status 0 but no results.json" in captured.err
+    assert "dtd seed 3: exit status 0 but no finished results.json" in captured.err
     assert "3 finished, 0 skipped (finished), 3 failed." in captured.out
     table = (tmp_path / "table.md").read_text()
     assert "| eurosat |" in table and "| dtd |" not in table
@@ -158,6 +158,20 @@ def test_collect_results_leaves_out_unreadable_files(tmp_path, capsys):
     found = sweep.collect_results(tmp_path)
     assert [r["dataset"] for r in found] == ["dtd"]
     assert "left out" in capsys.readouterr().err
+
+
+def test_results_marked_unfinished_are_rerun_and_not_aggregated(tmp_path, capsys):
+    (job,) = sweep.plan_jobs(["dtd"], [1], workdir_root=tmp_path)
+    job.workdir.mkdir(parents=True)
+    partial = {"dataset": "dtd", "seed": 1, "finished": False, "methods": {"teacher": {"all": 1}}}
+    job.results_path.write_text(json.dumps(partial))  # written by a run that was interrupted
+    assert not job.is_finished()
+    assert sweep.collect_results(tmp_path) == []
+    assert "has not finished" in capsys.readouterr().err
+
+    runner = FakeRunner()
+    outcome = sweep.run_jobs([job], runner, progress=False)
+    assert runner.calls == [job] and outcome.finished == [job]
 
 
 def test_command_line_passes_flagfile_and_extra_flags_to_the_runs(tmp_path):
