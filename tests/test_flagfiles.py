@@ -114,5 +114,13 @@ def test_demo_and_smoke_run_offline_on_shapes(monkeypatch):
     smoke = _config(REPO / "flags" / "smoke.flags", monkeypatch)
     for config in (demo, smoke):
         assert (config.dataset, config.teacher, config.student) == ("shapes", "shapes", "tiny_vit")
-    assert demo.baselines == ("supervised", "instance_only")
     assert smoke.epochs_for("0") == smoke.epochs_for("1") == smoke.epochs_for("2") == 1
+
+
+def test_demo_flags_are_the_run_without_flags(monkeypatch):
+    monkeypatch.chdir(REPO)
+    no_flags = copy.deepcopy(flags.FLAGS)
+    no_flags(["main"])
+    assert _config(REPO / "flags" / "demo.flags", monkeypatch) == main_lib.config_from_flags(
+        no_flags
+    )
