@@ -597,7 +597,9 @@ def fit(
     log = _MetricsLog(workdir, stage_name, tensorboard, enabled=is_writer)
 
     start_epoch = 0
-    if found is not None:
+    if found is None:
+        log.drop_after(0)  # lines of an earlier attempt that died before its first checkpoint
+    else:
         restored, saved = checkpoint.restore(found, state)
         state = replicate(restored, step_fn.mesh)
         start_epoch = int(saved["epoch"]) + 1

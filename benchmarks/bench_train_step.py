@@ -1,0 +1,119 @@
+"""Steps per second of the shared jitted training step (`mtkd_jax.train.make_train_step`).
+
+A small Keras conv student distilled from a frozen random linear "teacher" with the multi-level
+KD loss (instance + batch + class terms, so the loss couples the global batch), SGD with the
+paper's schedule. It measures the machinery (sharding, donation, optimizer, measurements), not a
+real CLIP: compile time once, then steady-state steps/s and images/s with one host sync per timed
+window.
+
+    .venv/bin/python benchmarks/bench_train_step.py                      # CPU, float32
+    .venv/bin/python benchmarks/bench_train_step.py --dtype=bfloat16 --batch_size=64 --steps=50
+    XLA_FLAGS=--xla_force_host_platform_device_count=2 \\
+        .venv/bin/python benchmarks/bench_train_step.py                  # 2 virtual CPU devices
+
+Prints one JSON line: device kind and count, batch size, image size, dtype, compile seconds,
+steps/s, images/s and trace count (must be 1).
+"""
+
+import argparse
+import json
+import os
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+
+from mtkd_jax import train  # noqa: E402
+from mtkd_jax.losses import multilevel_kd  # noqa: E402
+from mtkd_jax.optim import make_optimizer  # noqa: E402
+
+
+def build_student(image_size: int, classes: int, width: int, dtype: str | None):
+    keras.utils.set_random_seed(0)
+    layers = keras.layers
+    return keras.Sequential(
+        [
+            keras.Input((image_size, image_size, 3)),
+            layers.Conv2D(width, 3, strides=2, activation="gelu", name="conv1", dtype=dtype),
+            layers.Conv2D(2 * width, 3, strides=2, activation="gelu", name="conv2", dtype=dtype),
+            layers.Conv2D(4 * width, 3, strides=2, activation="gelu", name="conv3", dtype=dtype),
+            layers.GlobalAveragePooling2D(name="pool", dtype=dtype),
+            layers.LayerNormalization(name="norm", dtype=dtype),
+            layers.Dense(classes, name="head", dtype=dtype),
+        ],
+        name="bench_student",
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--image_size", type=int, default=64)
+    parser.add_argument("--classes", type=int, default=37)
+    parser.add_argument("--width", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps after the warm-up")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    args = parser.parse_args()
+
+    mesh = train.make_mesh()
+    policy = "mixed_bfloat16" if args.dtype == "bfloat16" else None
+    student = build_student(args.image_size, args.classes, args.width, policy)
+    rng = np.random.default_rng(0)
+    teacher = {
+        "projection": jnp.asarray(
+            rng.normal(size=(3, args.classes)).astype(np.float32) / np.sqrt(3)
+        )
+    }
+
+    def loss_fn(trainable, non_trainable, batch, key, frozen):
+        logits, non_trainable = student.stateless_call(
+            trainable, non_trainable, batch["images"], training=True
+        )
+        teacher_logits = jnp.mean(batch["images"], axis=(1, 2)) @ frozen["projection"] * 10.0
+        loss, terms = multilevel_kd(logits.astype(jnp.float32), teacher_logits)
+        return loss, (non_trainable, {f"kd_{k}": v for k, v in terms.items()})
+
+    total_steps = args.steps + 2
+    optimizer = make_optimizer(epochs=2, warmup_epochs=1, steps_per_epoch=total_steps)
+    state = train.init_train_state(*train.model_variables(student), optimizer, seed=0, mesh=mesh)
+    step = train.make_train_step(loss_fn, optimizer, mesh, frozen=teacher)
+    shape = (args.batch_size, args.image_size, args.image_size, 3)
+    batch = train.shard_batch({"images": rng.normal(size=shape).astype(np.float32)}, mesh)
+
+    start = time.perf_counter()
+    state, measurements = step(state, batch)
+    jax.block_until_ready(measurements)
+    compile_s = time.perf_counter() - start
+    state, measurements = step(state, batch)  # one more un-timed step
+    jax.block_until_ready(measurements)
+
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        state, measurements = step(state, batch)
+    jax.block_until_ready(measurements)
+    elapsed = time.perf_counter() - start
+
+    print(
+        json.dumps(
+            {
+                "device": jax.devices()[0].device_kind,
+                "devices": len(jax.devices()),
+                "batch_size": args.batch_size,
+                "image_size": args.image_size,
+                "dtype": args.dtype,
+                "compile_s": round(compile_s, 3),
+                "steps_per_s": round(args.steps / elapsed, 2),
+                "images_per_s": round(args.steps * args.batch_size / elapsed, 1),
+                "trace_count": step.trace_count,
+                "final_loss": float(measurements["loss"]),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
