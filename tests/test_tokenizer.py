@@ -206,6 +206,21 @@ def test_from_directory_reads_saved_assets_and_tokenizer_json(tokenizers, tmp_pa
     assert json.loads((directory / "vocab.json").read_text()) == reference.get_vocab()
 
 
+def test_keras_hub_tokenizer_and_its_saved_assets_agree(tokenizers, tmp_path):
+    keras_hub = pytest.importorskip("keras_hub")
+    ours, _, directory = tokenizers
+    vocab = json.loads((directory / "vocab.json").read_text())
+    merges = (directory / "merges.txt").read_text().split("\n")[1:-1]
+    reference = keras_hub.tokenizers.CLIPTokenizer(vocabulary=vocab, merges=merges)
+    (tmp_path / "assets").mkdir()
+    reference.save_assets(str(tmp_path / "assets"))  # vocabulary.json + merges.txt
+    reloaded = CLIPTokenizer.from_directory(tmp_path / "assets")
+    for text in ["a photo of a cat.", "It's  CAFÉ 123 😀", "ΟΔΟΣ 猫の写真", "x" * 300]:
+        expected = [int(i) for i in np.asarray(reference(text))]
+        assert ours.encode(text) == expected
+        assert reloaded.encode(text) == expected
+
+
 def test_small_custom_vocabulary_matches_transformers(tmp_path):
     from mtkd_jax.clip.tokenizer import bytes_to_unicode
 

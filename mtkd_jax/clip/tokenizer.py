@@ -162,23 +162,26 @@ class CLIPTokenizer:
         """A tokenizer from a directory holding its files.
 
         Looks, in this order, for `vocab.json` + `merges.txt` (Hugging Face, and the format
-        `save_assets` writes), `tokenizer.json` (Hugging Face fast tokenizer) and OpenAI's
+        `save_assets` writes), `vocabulary.json` + `merges.txt` (a keras-hub preset's
+        `assets/tokenizer/`), `tokenizer.json` (Hugging Face fast tokenizer) and OpenAI's
         `bpe_simple_vocab_16e6.txt.gz`.
         """
         path = os.fspath(path)
-        vocab_json = os.path.join(path, "vocab.json")
         merges_txt = os.path.join(path, "merges.txt")
         tokenizer_json = os.path.join(path, "tokenizer.json")
         openai_bpe = os.path.join(path, STANDARD_VOCAB_FILE)
-        if os.path.isfile(vocab_json) and os.path.isfile(merges_txt):
-            return cls.from_files(vocab_json, merges_txt)
+        for vocab_name in ("vocab.json", "vocabulary.json"):
+            vocab_json = os.path.join(path, vocab_name)
+            if os.path.isfile(vocab_json) and os.path.isfile(merges_txt):
+                return cls.from_files(vocab_json, merges_txt)
         if os.path.isfile(tokenizer_json):
             return cls._from_tokenizer_json(tokenizer_json)
         if os.path.isfile(openai_bpe):
             return cls(*_read_openai_bpe(openai_bpe))
         found = sorted(os.listdir(path)) if os.path.isdir(path) else "not a directory"
         raise ValueError(
-            "No CLIP tokenizer files found. Expected `vocab.json` + `merges.txt`, "
+            "No CLIP tokenizer files found. Expected `vocab.json` (or `vocabulary.json`) + "
+            "`merges.txt`, "
             f"`tokenizer.json` or `{STANDARD_VOCAB_FILE}`. Received: path={path!r} "
             f"(contents: {found})."
         )
