@@ -242,6 +242,17 @@ def test_files_that_are_not_supported_checkpoints_raise_clear_errors(tmp_path):
         read_torch_file(tmp_path / "missing.pt")
 
 
+def test_storage_smaller_than_its_declaration_is_refused(tmp_path):
+    good, bad = tmp_path / "good.pt", tmp_path / "bad.pt"
+    torch.save({"w": torch.ones(4)}, good)
+    with zipfile.ZipFile(good) as source, zipfile.ZipFile(bad, "w") as target:
+        for info in source.infolist():
+            data = source.read(info)
+            target.writestr(info, data[:8] if info.filename.endswith("data/0") else data)
+    with pytest.raises(ValueError, match="holds 8 bytes, but the pickle declares 16"):
+        read_torch_file(bad)
+
+
 def test_tensor_views_outside_their_storage_are_refused():
     storage = np.arange(6, dtype=np.float32)
     np.testing.assert_array_equal(

@@ -379,6 +379,7 @@ class _StorageReader:
         self._prefix = prefix
         self._source = source
         self._buffers: dict[str, np.ndarray] = {}
+        self._archive_bytes = os.path.getsize(source)
         byteorder_name = f"{prefix}/byteorder"
         names = set(archive.namelist())
         self._big_endian = (
@@ -387,7 +388,7 @@ class _StorageReader:
 
     def read(self, key: str, dtype: np.dtype, numel: int) -> np.ndarray:
         if key not in self._buffers:
-            self._buffers[key] = self._read_bytes(key)
+            self._buffers[key] = self._read_bytes(key, numel * dtype.itemsize)
         raw = self._buffers[key]
         if raw.size != numel * dtype.itemsize:
             raise ValueError(
@@ -398,7 +399,7 @@ class _StorageReader:
             return raw.view(dtype.newbyteorder(">")).astype(dtype)
         return raw.view(dtype)
 
-    def _read_bytes(self, key: str) -> np.ndarray:
+    def _read_bytes(self, key: str, declared_bytes: int) -> np.ndarray:
         if "/" in key or key in ("", ".", ".."):
             raise ValueError(f"Malformed storage key in {self._source!r}. Received: {key!r}.")
         name = f"{self._prefix}/data/{key}"
@@ -408,6 +409,17 @@ class _StorageReader:
             raise ValueError(
                 f"{self._source!r} references the storage {name!r}, which the archive lacks."
             ) from None
+        # Check sizes before allocating, so a crafted header cannot ask for unbounded memory.
+        if info.file_size != declared_bytes:
+            raise ValueError(
+                f"Storage {name!r} of {self._source!r} holds {info.file_size} bytes, but the "
+                f"pickle declares {declared_bytes} bytes."
+            )
+        if info.compress_type == zipfile.ZIP_STORED and info.file_size > self._archive_bytes:
+            raise ValueError(
+                f"Storage {name!r} claims {info.file_size} bytes, more than the whole file "
+                f"{self._source!r} ({self._archive_bytes} bytes): the archive is corrupt."
+            )
         buffer = np.empty(info.file_size, np.uint8)
         view = memoryview(buffer)
         with self._archive.open(info) as file:
