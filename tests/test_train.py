@@ -102,11 +102,12 @@ def test_train_step_matches_plain_keras_optax_loop():
     model, optimizer, state, step = setup(donate=False)
     trainable, non_trainable = train.model_variables(model)
     opt_state = optimizer.init(trainable)
-    loss_fn = relation_loss_fn(model)
+    # The reference: value_and_grad + optax, without sharding, donation or TrainState.
+    loss_and_grads = jax.jit(jax.value_and_grad(relation_loss_fn(model), has_aux=True))
     key = jax.random.key(0)
     for index, batch in enumerate(make_batches(1, 0)):
         state, measurements = step(state, train.shard_batch(batch, step.mesh))
-        (loss, (non_trainable, _)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        (loss, (non_trainable, _)), grads = loss_and_grads(
             trainable, non_trainable, batch, jax.random.fold_in(key, index)
         )
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
