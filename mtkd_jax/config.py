@@ -107,6 +107,36 @@ class RunConfig:
             raise ValueError("--lr, --kd_weight and --weight_decay must be finite numbers.")
 
 
+# The offline demo (`python -m mtkd_jax.main` with no flags, `flags/demo.flags`): the settings
+# that differ from the paper's. The shapes teacher has 4 layers (prompts to depth 3); the tiny
+# ViT student learns from scratch, so it trains whole with AdamW on the whole unlabeled
+# training split, in batches of 64.
+DEMO_SETTINGS = {
+    "dataset": "shapes",
+    "shots": 4,
+    "teacher_prompt_length": 4,
+    "teacher_prompt_depth": 3,
+    "student_prompt_length": 0,
+    "student_prompt_depth": 0,
+    "unlabeled_pool": "train",
+    "optimizer": "adamw",
+    "lr": 2e-3,
+    "weight_decay": 1e-4,
+    "warmup_epochs": 0,
+    "epochs": 12,
+    "teacher_epochs": 10,
+    "adapter_epochs": 30,
+    "batch_size": 64,
+    "eval_batch_size": 256,
+    "baselines": ("zero_shot", "supervised", "instance_only"),
+}
+
+
+def demo_config(**overrides) -> RunConfig:
+    """The offline demo's `RunConfig`, with optional changes (e.g. `epochs=2`, `workdir=...`)."""
+    return with_dataset_defaults(RunConfig(**{**DEMO_SETTINGS, **overrides}))
+
+
 def with_dataset_defaults(config: RunConfig) -> RunConfig:
     """Fills the settings left empty with the defaults for the run's dataset."""
     demo = config.dataset == "shapes"

@@ -174,7 +174,7 @@ def build_teacher(config: RunConfig, prompt_length: int, prompt_depth: int):
         from mtkd_jax.shapes_clip import load_shapes_clip
 
         return load_shapes_clip(prompt_length, prompt_depth, dtype=dtype)
-    from mtkd_jax.clip import load
+    from mtkd_jax.clip.load import load as load_clip
 
     settings = None
     if prompt_length:
@@ -183,7 +183,7 @@ def build_teacher(config: RunConfig, prompt_length: int, prompt_depth: int):
             for tower in ("vision", "text")
             for key, value in (("length", prompt_length), ("depth", prompt_depth))
         }
-    return load.load(config.teacher, prompts=settings, dtype=dtype or "float32")
+    return load_clip(config.teacher, prompts=settings, dtype=dtype or "float32")
 
 
 def _model_dtype(config: RunConfig):
@@ -203,6 +203,32 @@ def plain_copy(teacher):
         variable.assign(values[variable.path])
     plain.trainable = False
     return plain
+
+
+def shared_values(model, source):
+    """`fn(trainable, non_trainable) -> (model_trainable, model_non_trainable)`.
+
+    Picks, by variable path, the values of `model`'s variables out of the variable values of
+    `source` (a model holding the same weights and more, e.g. the prompted teacher), so a
+    jitted step can run both without a second copy of the weights.
+    """
+    trainable = [v.path for v in source.trainable_variables]
+    non_trainable = [v.path for v in source.non_trainable_variables]
+    where = {path: (0, i) for i, path in enumerate(trainable)}
+    where.update({path: (1, i) for i, path in enumerate(non_trainable)})
+    missing = [v.path for v in model.weights if v.path not in where]
+    if missing:
+        raise ValueError(f"{model.name} has weights that {source.name} lacks: {missing}")
+    picks = [
+        [where[v.path] for v in variables]
+        for variables in (model.trainable_variables, model.non_trainable_variables)
+    ]
+
+    def fn(source_trainable, source_non_trainable):
+        lists = (source_trainable, source_non_trainable)
+        return tuple([lists[kind][i] for kind, i in pick] for pick in picks)
+
+    return fn
 
 
 def class_prompts(classnames: list[str], template: str, prompted: bool, prompt_length: int):
@@ -295,6 +321,7 @@ def training_batches(ctx: Context, split, stage: str, *, labeled: bool):
             training=True,
             seed=ctx.epoch_seed(stage, epoch),
             labeled=labeled,
+            strict=ctx.config.strict_data,
         )
 
     return batches_for_epoch, pipeline.steps_per_epoch(len(split), batch_size, training=True)
@@ -321,6 +348,7 @@ def predict_test_logits(ctx: Context, logits_fn, variables) -> tuple[np.ndarray,
         training=False,
         seed=0,
         labeled=True,
+        strict=ctx.config.strict_data,
     )
     for batch in batches:
         images = train.shard_batch({"images": batch["images"]}, ctx.mesh)["images"]
@@ -440,8 +468,6 @@ def run_teacher_stage(ctx: Context) -> None:
     """Stage 0: deep-prompt tuning of the teacher on the K-shot labels; writes its prompts."""
     import jax.numpy as jnp
 
-    from mtkd_jax import train
-
     config, dataset, teacher = ctx.config, ctx.dataset, ctx.teacher
     if not teacher.prompt_variables():
         raise ValueError(
@@ -459,13 +485,13 @@ def run_teacher_stage(ctx: Context) -> None:
         "plain_text": jnp.asarray(
             text_features_of(plain, class_token_ids(plain, ctx.tokenizer, names, template))
         ),
-        "plain": train.model_variables(plain),
         "label_map": jnp.asarray(ctx.label_map()),
         "scale": jnp.float32(ctx.logit_scale),
     }
     loss_fn = stages.teacher_prompt_loss(
         teacher,
         plain,
+        shared_values(plain, teacher),
         regularise=config.prompt_regularisation,
         text_weight=config.prompt_reg_text_weight,
         image_weight=config.prompt_reg_image_weight,
@@ -494,7 +520,8 @@ def build_student(ctx: Context, *, adapter: bool):
     keras-hub backbone trained whole.
     """
     from mtkd_jax import student as student_lib
-    from mtkd_jax.clip import CLIPConfig, load
+    from mtkd_jax.clip import CLIPConfig
+    from mtkd_jax.clip.load import load as load_clip
 
     config, spec = ctx.config, ctx.config.student
     common = dict(
@@ -518,7 +545,7 @@ def build_student(ctx: Context, *, adapter: bool):
                 layer.trainable = True
         return student
     if spec.startswith("clip:"):
-        clip = load.load(spec[len("clip:") :], dtype=_model_dtype(config) or "float32")
+        clip = load_clip(spec[len("clip:") :], dtype=_model_dtype(config) or "float32")
         return student_lib.clip_student(
             clip,
             teacher_dim,
@@ -628,21 +655,46 @@ def _stages_to_run(config: RunConfig) -> list[str]:
     return ["0", "1", "2"] if config.stage == "all" else [config.stage]
 
 
+def _stage_names(config: RunConfig) -> list[str]:
+    """The names under which this run's stages checkpoint (baselines included)."""
+    names = []
+    for stage in _stages_to_run(config):
+        names.append(f"stage{stage}")
+        if stage == "1" and "instance_only" in config.baselines:
+            names.append("stage1_instance_only")
+        if stage == "2" and "supervised" in config.baselines:
+            names.append("supervised")
+    return names
+
+
 def _prepare_workdir(config: RunConfig) -> Path:
-    """Creates the workdir and records the flags; refuses a finished run unless told otherwise."""
+    """Creates the workdir and records the flags; never overwrites finished work silently.
+
+    A workdir that already holds checkpoints of the stages this run would train is refused
+    before anything is written, unless `--resume` (continue, reusing finished stages) or
+    `--overwrite` (remove the previous run first). Other stages' work (stage 1 when running
+    stage 2) is what this run builds on and is left alone.
+    """
     import shutil
 
     workdir = Path(config.workdir)
-    results = workdir / RESULTS_FILE
     if config.overwrite and workdir.exists():
         print(f"--overwrite: removing the previous run in {workdir}")
         shutil.rmtree(workdir)
-    elif results.exists() and not config.resume and config.stage == "all":
-        raise FileExistsError(
-            f"{workdir} already holds a finished run ({results}). Nothing is overwritten "
-            "silently: pass --resume to reuse its finished stages, --overwrite to start afresh, "
-            "or choose another --workdir."
-        )
+    elif not config.resume:
+        directory = checkpoint.checkpoint_dir(workdir)
+        used = [
+            name
+            for name in _stage_names(config)
+            if checkpoint.latest(directory, name) is not None
+            or checkpoint.is_finished(workdir, name)
+        ]
+        if used:
+            raise FileExistsError(
+                f"{workdir} already holds {', '.join(used)} of an earlier run. Nothing is "
+                "overwritten silently: pass --resume to continue it (finished stages are reused), "
+                "--overwrite to start afresh, or choose another --workdir."
+            )
     workdir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(workdir / "flags.json", dataclasses.asdict(config))
     return workdir
@@ -681,9 +733,9 @@ def _load_teacher_prompts(ctx: Context, source: Path) -> None:
     if source.suffix == ".npz":
         load_prompts(ctx.teacher, source)
         return
-    from mtkd_jax.clip import load
+    from mtkd_jax.clip.load import load as load_clip
 
-    ctx.teacher = load.load(ctx.config.teacher, prompts=str(source), dtype=ctx.teacher.dtype_policy)
+    ctx.teacher = load_clip(ctx.config.teacher, prompts=str(source), dtype=ctx.teacher.dtype_policy)
 
 
 def _set_class_features(ctx: Context) -> None:
@@ -705,7 +757,7 @@ def run(config: RunConfig) -> dict:
     """Runs the stages of `config` end to end; returns the results (also in results.json)."""
     keras = _import_keras()
     from mtkd_jax import train
-    from mtkd_jax.clip import load
+    from mtkd_jax.clip.load import load_tokenizer
 
     config.validate()
     workdir = _prepare_workdir(config)
@@ -719,11 +771,7 @@ def run(config: RunConfig) -> dict:
     teacher = build_teacher(
         config, prompt_length, config.teacher_prompt_depth if prompt_length else 0
     )
-    tokenizer = (
-        load.load_tokenizer(None)
-        if config.teacher == "shapes"
-        else load.load_tokenizer(config.teacher)
-    )
+    tokenizer = load_tokenizer(None if config.teacher == "shapes" else config.teacher)
     ctx = Context(
         config=config,
         workdir=workdir,
@@ -746,6 +794,7 @@ def run(config: RunConfig) -> dict:
         devices=int(mesh.devices.size),
     )
     ctx.results.setdefault("methods", {})
+    ctx.results["finished"] = False  # Until finish(): a sweep neither skips nor averages it.
     print(
         f"mtkd_jax: {config.dataset} ({dataset.num_classes} classes, source {dataset.source}), "
         f"{config.shots} shots, seed {config.seed}, stages {','.join(stages_to_run)}, "
@@ -809,7 +858,8 @@ def _evaluate_zero_shot(ctx: Context) -> None:
 
 
 def finish(ctx: Context) -> None:
-    """Writes results.json and results.png and prints the results table."""
+    """Writes results.json (now marked finished) and results.png; prints the results table."""
+    ctx.results["finished"] = True
     write_results(ctx)
     report.plot_results(ctx.results, ctx.workdir / PLOT_FILE)
     print(report.format_results_table(ctx.results))

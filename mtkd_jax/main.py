@@ -18,6 +18,15 @@ from absl import app, flags
 from mtkd_jax import config as config_lib
 from mtkd_jax.checkpoint import WorkdirInUseError
 
+# Errors that mean "the input or the run's state is not right": shown as one message.
+USER_ERRORS = (
+    ValueError,
+    FileNotFoundError,
+    FileExistsError,
+    WorkdirInUseError,
+    FloatingPointError,
+)
+
 HELP = {
     "stage": "Which stage to run: 0 (teacher prompt tuning), 1 (distillation), 2 (adapter), all.",
     "dataset": "Dataset name (e.g. oxford_pets, dtd, eurosat, shapes) or folder:/path/to/classes.",
@@ -113,6 +122,11 @@ def config_from_flags(flag_values: flags.FlagValues) -> config_lib.RunConfig:
                     f"--{field.name} takes comma-separated numbers. Received {','.join(value)}."
                 ) from None
         values[field.name] = value
+    if values["dataset"] == "shapes":
+        # The demo's settings, except where a flag was given explicitly.
+        for name, value in config_lib.DEMO_SETTINGS.items():
+            if not flag_values[name].present:
+                values[name] = value
     config = config_lib.with_dataset_defaults(config_lib.RunConfig(**values))
     config.validate()
     return config
@@ -130,7 +144,7 @@ def main(argv: list[str]) -> None:
         from mtkd_jax import experiment  # Heavy imports (Keras, TensorFlow) after parsing.
 
         experiment.run(config)
-    except (ValueError, FileNotFoundError, FileExistsError, WorkdirInUseError) as error:
+    except USER_ERRORS as error:
         if flags.FLAGS.debug:
             raise
         print(f"error: {error}", file=sys.stderr)

@@ -128,6 +128,7 @@ def classification_loss(student) -> Callable:
 def teacher_prompt_loss(
     teacher,
     plain_teacher,
+    plain_values: Callable,
     *,
     regularise: bool,
     text_weight: float,
@@ -140,9 +141,11 @@ def teacher_prompt_loss(
     CLIP: `text_weight · L1(text, frozen text) + image_weight · L1(image, frozen image) +
     logit_weight · KL(frozen zero-shot logits ‖ prompted logits)` on normalised features.
 
-    `frozen` = `{"token_ids": int32 [C', context] prompted class token ids, "plain_text": [C', D]
-    the frozen CLIP's class text features, "plain": (trainable, non_trainable) values of the
-    un-prompted CLIP, "label_map": int32 [C] original id -> row, "scale": logit scale}`.
+    `plain_values(trainable, non_trainable) -> (plain_trainable, plain_non_trainable)` picks
+    the un-prompted CLIP's variable values out of the teacher's (they are the same weights, so
+    nothing is copied). `frozen` = `{"token_ids": int32 [C', context] prompted class token ids,
+    "plain_text": [C', D] the frozen CLIP's class text features, "label_map": int32 [C]
+    original id -> row, "scale": logit scale}`.
     """
 
     def loss_fn(trainable, non_trainable, batch, rng, frozen):
@@ -156,9 +159,8 @@ def teacher_prompt_loss(
         measurements = {"ce": ce}
         loss = ce
         if regularise:
-            plain_trainable, plain_non_trainable = frozen["plain"]
             plain_image = plain_teacher.stateless_encode_image(
-                plain_trainable, plain_non_trainable, images
+                *plain_values(trainable, non_trainable), images
             )
             plain_image = jax.lax.stop_gradient(plain_image)
             plain_logits = class_logits(plain_image, frozen["plain_text"], frozen["scale"])
