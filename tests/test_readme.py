@@ -58,3 +58,10 @@ def _install_requires() -> list[str]:
 @pytest.mark.parametrize("dependency", _install_requires())
 def test_every_runtime_dependency_is_explained_in_the_readme(dependency):
     assert f"`{dependency}`" in _section("Dependencies")
+
+
+def test_every_local_link_in_the_readme_exists():
+    links = re.findall(r"\]\(((?:docs|flags|notebooks)/[^)#]+)\)", README)
+    assert links, "the README links its docs"
+    missing = [link for link in links if not (ROOT / link).exists()]
+    assert not missing, missing

@@ -1,0 +1,214 @@
+"""The driver end to end on the shapes world: stages 0 -> 1 -> 2, evaluation, export, predict."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from mtkd_jax import config as config_lib
+from mtkd_jax import experiment
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def smoke_config(workdir, **overrides):
+    """The demo's settings shrunk to seconds: 2 shots, the K-shot pool, an epoch or two."""
+    settings = dict(
+        workdir=str(workdir),
+        shots=2,
+        unlabeled_pool="fewshot",
+        epochs=2,
+        teacher_epochs=1,
+        adapter_epochs=2,
+        batch_size=16,
+        eval_batch_size=128,
+        log_every=2,
+        baselines=(),
+    )
+    settings.update(overrides)
+    return config_lib.demo_config(**settings)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("run")
+    results = experiment.run(smoke_config(workdir))
+    return workdir, results
+
+
+def _weights(path):
+    """Every array of a Keras .weights.h5 file, by its path inside the file."""
+    arrays = {}
+    with h5py.File(path, "r") as file:
+        file.visititems(
+            lambda name, item: (
+                arrays.__setitem__(name, item[()]) if isinstance(item, h5py.Dataset) else None
+            )
+        )
+    return arrays
+
+
+def test_run_writes_every_documented_file(finished_run):
+    workdir, results = finished_run
+    for name in (
+        "flags.json",
+        "metrics.jsonl",
+        "text_features.npz",
+        "teacher_prompts.npz",
+        "student_stage1.weights.h5",
+        "student_stage2.weights.h5",
+        "results.json",
+        "results.png",
+        "student.keras",
+    ):
+        assert (workdir / name).is_file(), name
+    assert any((workdir / "checkpoints").iterdir())
+    on_disk = json.loads((workdir / "results.json").read_text())
+    assert on_disk["dataset"] == "shapes" and on_disk["shots"] == 2 and on_disk["seed"] == 1
+    for method in ("teacher", "teacher_stage0", "student_stage1", "student_stage2"):
+        scores = on_disk["methods"][method]
+        assert set(scores) >= {"base", "novel", "hm", "all"}
+        assert all(0.0 <= scores[k] <= 1.0 for k in ("base", "novel", "hm", "all"))
+    assert on_disk == json.loads(json.dumps(results))
+
+
+def test_every_test_image_is_evaluated_once(finished_run):
+    workdir, results = finished_run
+    from mtkd_jax.data import shapes
+
+    expected = shapes.default_split_sizes["test"]
+    assert all(m["test_images"] == expected for m in results["methods"].values())
+
+
+def test_metrics_log_names_every_loss_term(finished_run):
+    workdir, _ = finished_run
+    lines = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    stage1 = [line for line in lines if line["stage"] == "stage1" and line["kind"] == "train"]
+    assert stage1 and {"kd_instance", "kd_batch", "kd_class", "loss", "grad_norm"} <= set(stage1[0])
+    assert {line["stage"] for line in lines} >= {"stage0", "stage1", "stage2"}
+
+
+def test_stage2_changes_only_the_adapter(finished_run):
+    workdir, _ = finished_run
+    before = _weights(workdir / "student_stage1.weights.h5")
+    after = _weights(workdir / "student_stage2.weights.h5")
+    assert before.keys() == after.keys()
+    adapter = [name for name in before if "adapter" in name]
+    others = [name for name in before if "adapter" not in name]
+    assert adapter and others
+    for name in others:
+        assert np.array_equal(before[name], after[name]), f"{name} changed in stage 2"
+    assert any(not np.array_equal(before[name], after[name]) for name in adapter)
+
+
+def test_exported_student_predicts_image_files(finished_run, tmp_path):
+    workdir, _ = finished_run
+    from mtkd_jax.data import shapes
+
+    images, labels, _ = shapes.render_split("test", 3, seed=5)
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(str(tmp_path / f"image{i}.png"))
+        Image.fromarray(image).save(paths[-1])
+    proc = subprocess.run(
+        [sys.executable, "-m", "mtkd_jax.predict", f"--model={workdir / 'student.keras'}",
+         "--top_k=3", *paths],
+        capture_output=True, text=True, cwd=ROOT, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    lines = [line for line in proc.stdout.splitlines() if line.startswith(str(tmp_path))]
+    assert len(lines) == 3
+    for line in lines:
+        names = [part.rsplit(" ", 1)[0] for part in line.split(": ", 1)[1].split(", ")]
+        assert len(names) == 3 and set(names) <= set(shapes.CLASSNAMES)
+
+
+def test_exported_student_matches_the_evaluated_student(finished_run):
+    workdir, results = finished_run
+    from mtkd_jax.export import load_classifier
+
+    model = load_classifier(workdir / "student.keras")
+    ctx_results = results["methods"]["student_stage2"]
+    from mtkd_jax.data import load_dataset
+    from mtkd_jax.data.pipeline import make_batches
+
+    dataset = load_dataset("shapes", seed=1)
+    correct = total = 0
+    for batch in make_batches(dataset.split("test"), image_size=32, batch_size=256,
+                              training=False):  # fmt: skip
+        keep = batch["mask"]
+        logits = np.asarray(model(batch["images"]))[keep]
+        correct += int(np.sum(np.argmax(logits, 1) == batch["labels"][keep]))
+        total += int(keep.sum())
+    np.testing.assert_allclose(correct / total, ctx_results["all"], atol=1e-9)
+
+
+def test_a_finished_workdir_is_not_overwritten_silently(finished_run):
+    workdir, _ = finished_run
+    with pytest.raises(FileExistsError, match="--resume.*--overwrite"):
+        experiment.run(smoke_config(workdir))
+
+
+def test_stage2_without_stage1_names_the_command(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"python -m mtkd_jax.main --stage=1"):
+        experiment.run(smoke_config(tmp_path, stage="2", teacher_prompt_length=0,
+                                    teacher_prompt_depth=0))  # fmt: skip
+
+
+def test_resumed_stage1_ends_like_an_uninterrupted_one(tmp_path, monkeypatch):
+    from mtkd_jax import train
+
+    settings = dict(stage="1", teacher_prompt_length=0, teacher_prompt_depth=0, epochs=2)
+    experiment.run(smoke_config(tmp_path / "straight", **settings))
+
+    real_run_epoch, calls = train._run_epoch, []
+
+    def killed_in_epoch_two(*args, **kwargs):
+        calls.append(kwargs["epoch"])
+        if kwargs["epoch"] == 1:
+            raise KeyboardInterrupt("killed")
+        return real_run_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(train, "_run_epoch", killed_in_epoch_two)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run(smoke_config(tmp_path / "resumed", **settings))
+    monkeypatch.setattr(train, "_run_epoch", real_run_epoch)
+    experiment.run(smoke_config(tmp_path / "resumed", resume=True, **settings))
+
+    straight = _weights(tmp_path / "straight" / "student_stage1.weights.h5")
+    resumed = _weights(tmp_path / "resumed" / "student_stage1.weights.h5")
+    assert straight.keys() == resumed.keys()
+    for name in straight:
+        np.testing.assert_allclose(resumed[name], straight[name], rtol=1e-6, atol=1e-7)
+    a = json.loads((tmp_path / "straight" / "results.json").read_text())["methods"]
+    b = json.loads((tmp_path / "resumed" / "results.json").read_text())["methods"]
+    assert a["student_stage1"]["all"] == pytest.approx(b["student_stage1"]["all"], abs=1e-9)
+
+
+def _main(*args, timeout=300):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run([sys.executable, "-m", "mtkd_jax.main", *args], capture_output=True,
+                          text=True, cwd=ROOT, env=env, timeout=timeout)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--dataset=nope"], "oxford_pets"),
+        (["--stage=3"], "--stage='3' is not one of 0, 1, 2, all"),
+        (["--loss_weights=1,0"], "three numbers"),
+        (["--temperatures=1,x"], "comma-separated numbers"),
+        (["--student=resnet9", "--stage=1", "--teacher_prompt_length=0"], "Valid kinds"),
+    ],
+)
+def test_bad_flags_give_one_clear_message(flags, message, tmp_path):
+    proc = _main(*flags, f"--workdir={tmp_path / 'w'}")
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
