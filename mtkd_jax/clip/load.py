@@ -281,41 +281,62 @@ def hf_table(model) -> Table:
     return builder.table
 
 
+def _block_variables(block) -> dict[str, Any]:
+    """A transformer block's variables by their path inside the block (`attention/query/kernel`)."""
+    return {v.path.split(f"{block.name}/", 1)[1]: v for v in block.weights}
+
+
+def keras_hub_variables(backbone) -> dict[str, Any]:
+    """keras-hub `CLIPBackbone` variables under names independent of the encoders' own names
+    (keras-hub prefixes sub-layer names with the encoder's name)."""
+    vision, text = backbone.vision_encoder, backbone.text_encoder
+    named = {
+        "vision/patch_embedding": vision.embedding.patch_embedding.kernel,
+        "vision/class_embedding": vision.embedding.class_embedding,
+        "vision/position_embedding": vision.embedding.position_embedding.embeddings,
+        "vision/position_ids": vision.embedding.position_ids,
+        "vision/ln_pre/gamma": vision.pre_layer_norm.gamma,
+        "vision/ln_pre/beta": vision.pre_layer_norm.beta,
+        "vision/ln_post/gamma": vision.layer_norm.gamma,
+        "vision/ln_post/beta": vision.layer_norm.beta,
+        "vision/projection": backbone.vision_projection.kernel,
+        "text/token_embedding": text.embedding.token_embedding.embeddings,
+        "text/position_embedding": text.embedding.position_embedding.position_embeddings,
+        "text/ln_final/gamma": text.layer_norm.gamma,
+        "text/ln_final/beta": text.layer_norm.beta,
+        "text/projection": backbone.text_projection.kernel,
+        "logit_scale": backbone.clip_head.logit_scale,
+    }
+    for tower, encoder in (("vision", vision), ("text", text)):
+        for i, block in enumerate(encoder.encoder_layers):
+            for inner, variable in _block_variables(block).items():
+                named[f"{tower}/block_{i}/{inner}"] = variable
+    return named
+
+
 def keras_hub_table(model) -> Table:
-    """keras-hub `CLIPBackbone` variables (named `vision_encoder/<path>`, `text_encoder/<path>`,
-    `<path>`) → our variables (prompts excluded). Its blocks are the same layer class as ours."""
+    """`keras_hub_variables` names → our variables (prompts excluded). keras-hub's blocks are
+    the same layer class as ours, so block variables map one to one."""
     builder = _TableBuilder()
     visual, text = model.visual, model.text
-    builder.add(
-        "vision_encoder/embedding/patch_embedding/kernel", visual.embedding.patch_conv.kernel
-    )
-    builder.add("vision_encoder/embedding/class_embedding", visual.embedding.class_embedding)
-    builder.add(
-        "vision_encoder/embedding/position_embedding/embeddings",
-        visual.embedding.position_embedding,
-    )
-    builder.add("vision_encoder/pre_layer_norm/gamma", visual.ln_pre.gamma)
-    builder.add("vision_encoder/pre_layer_norm/beta", visual.ln_pre.beta)
-    builder.add("vision_encoder/layer_norm/gamma", visual.ln_post.gamma)
-    builder.add("vision_encoder/layer_norm/beta", visual.ln_post.beta)
-    builder.add(
-        "text_encoder/embedding/token_embedding/embeddings",
-        text.embedding.token_embedding.embeddings,
-    )
-    builder.add(
-        "text_encoder/embedding/position_embedding/embeddings", text.embedding.position_embedding
-    )
-    builder.add("text_encoder/layer_norm/gamma", text.ln_final.gamma)
-    builder.add("text_encoder/layer_norm/beta", text.ln_final.beta)
-    for tower, ours in (("vision_encoder", visual), ("text_encoder", text)):
+    builder.add("vision/patch_embedding", visual.embedding.patch_conv.kernel)
+    builder.add("vision/class_embedding", visual.embedding.class_embedding)
+    builder.add("vision/position_embedding", visual.embedding.position_embedding)
+    builder.add("vision/ln_pre/gamma", visual.ln_pre.gamma)
+    builder.add("vision/ln_pre/beta", visual.ln_pre.beta)
+    builder.add("vision/ln_post/gamma", visual.ln_post.gamma)
+    builder.add("vision/ln_post/beta", visual.ln_post.beta)
+    builder.add("vision/projection", visual.projection.kernel)
+    builder.add("text/token_embedding", text.embedding.token_embedding.embeddings)
+    builder.add("text/position_embedding", text.embedding.position_embedding)
+    builder.add("text/ln_final/gamma", text.ln_final.gamma)
+    builder.add("text/ln_final/beta", text.ln_final.beta)
+    builder.add("text/projection", text.projection.kernel)
+    builder.add("logit_scale", model.logit_scale)
+    for tower, ours in (("vision", visual), ("text", text)):
         for i, block in enumerate(ours.blocks):
-            for variable in block.weights:
-                # Our variable paths end with "block_<i>/<sub-layer>/<name>".
-                inner = variable.path.split(f"block_{i}/", 1)[1]
-                builder.add(f"{tower}/encoder_block_{i}/{inner}", variable)
-    builder.add("vision_projection/kernel", visual.projection.kernel)
-    builder.add("text_projection/kernel", text.projection.kernel)
-    builder.add("clip_head/logit_scale", model.logit_scale)
+            for inner, variable in _block_variables(block).items():
+                builder.add(f"{tower}/block_{i}/{inner}", variable)
     return builder.table
 
 
@@ -568,15 +589,27 @@ def _read_keras_hub_preset(preset: str) -> BaseCheckpoint:
             "'clip_vit_base_patch16' on a machine that can download it."
         ) from error
     vision, text = backbone.vision_encoder, backbone.text_encoder
-    tensors = {}
-    for prefix, layer in (("vision_encoder/", vision), ("text_encoder/", text)):
-        tensors.update({prefix + v.path: np.asarray(v) for v in layer.weights})
-    own = {id(v) for v in vision.weights + text.weights}
-    tensors.update({v.path: np.asarray(v) for v in backbone.weights if id(v) not in own})
+    named = keras_hub_variables(backbone)
+    unnamed = {id(v) for v in backbone.weights} - {id(v) for v in named.values()}
+    if unnamed:
+        raise CheckpointMismatchError(
+            f"Unexpected variables in the keras-hub preset {preset!r}: "
+            f"{[v.path for v in backbone.weights if id(v) in unnamed]}"
+        )
+    tensors = {name: np.asarray(variable) for name, variable in named.items()}
+    positions = tensors["vision/position_ids"].reshape(-1)
+    if not np.array_equal(positions, np.arange(positions.size)):
+        raise ValueError(
+            "keras-hub's vision embedding looks positions up through its stored `position_ids`; "
+            "CLIP (and this model) uses 0, 1, 2, …, which released presets store. Received "
+            f"position_ids starting {positions[:8].tolist()} in preset {preset!r}"
+        )
+    projection_dim = backbone.projection_dim
+    del backbone, named  # the tensors are copies: free the keras-hub model
     if vision.intermediate_activation != text.intermediate_activation:
         raise ValueError(f"Both towers must use the same activation. Received preset {preset!r}")
     config = CLIPConfig(
-        embed_dim=backbone.projection_dim,
+        embed_dim=projection_dim,
         image_size=vision.image_shape[0],
         patch_size=vision.patch_size,
         vision_width=vision.hidden_dim,
@@ -593,7 +626,7 @@ def _read_keras_hub_preset(preset: str) -> BaseCheckpoint:
         config=config,
         tensors=tensors,
         table=keras_hub_table,
-        ignored=lambda name: name == "vision_encoder/embedding/position_ids",
+        ignored=lambda name: name == "vision/position_ids",
         description=f"keras_hub:{preset}",
         tokenizer_dir=preset if os.path.isdir(preset) else None,
     )
