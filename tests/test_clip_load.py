@@ -105,8 +105,20 @@ def hf_outputs(model, images, ids):
     return image, text, logits
 
 
+_FORWARDS = {}
+
+
 def our_outputs(model, images, ids):
-    out = model({"images": images, "token_ids": ids})
+    """The model's outputs through one jitted stateless call, compiled once per architecture
+    (much faster on CPU than eager op-by-op dispatch)."""
+    import jax
+
+    key = (model.config, model.dtype_policy.name)
+    if key not in _FORWARDS:
+        _FORWARDS[key] = jax.jit(lambda t, n, x: model.stateless_call(t, n, x)[0])
+    values = [v.value for v in model.trainable_variables]
+    others = [v.value for v in model.non_trainable_variables]
+    out = _FORWARDS[key](values, others, {"images": images, "token_ids": ids.astype(np.int32)})
     return tuple(np.asarray(out[k]) for k in ("image_features", "text_features", "logits"))
 
 
@@ -322,7 +334,6 @@ def _torchscript_archive(state, path):
 
 
 def test_torchscript_archive_matches(hf, tmp_path):
-    pytest.importorskip("mtkd_jax.clip.torch_io")
     _, model = hf
     _, state = openai_file(tmp_path, model)
     path = str(tmp_path / "ViT-tiny-jit.pt")
@@ -428,7 +439,7 @@ def test_real_vit_b16_vision_tower_matches_transformers(tmp_path):
     images, ids = inputs(n_images=1, n_texts=1, image=224)
     clip = load(str(tmp_path))
     assert clip.config.vision_width == 768 and clip.config.patch_size == 16
-    close(np.asarray(clip.encode_image(images)), hf_outputs(model, images, ids)[0])
+    close(our_outputs(clip, images, ids)[0], hf_outputs(model, images, ids)[0])
 
 
 def test_bfloat16_stays_close_to_float32(hf):
@@ -468,7 +479,7 @@ def test_convert_then_load_without_torch(hf, tmp_path):
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=300)
     out = np.load(tmp_path / "out.npz")
     for key, value in zip(("image_features", "text_features", "logits"), expected, strict=True):
-        np.testing.assert_array_equal(out[key], value)
+        close(out[key], value, 1e-5)  # same weights; only eager vs jitted rounding differs
 
 
 def test_fresh_prompts_start_from_a_photo_of_a(hf):

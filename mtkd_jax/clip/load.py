@@ -369,27 +369,9 @@ def prompt_table(model) -> Table:
 
 def _read_torch(path: str) -> Any:
     """A torch checkpoint (zip or TorchScript) as nested Python containers of numpy arrays."""
-    try:
-        from mtkd_jax.clip.torch_io import read_torch_file
-    except ImportError:  # TODO: remove once torch_io lands.
-        return _read_torch_interim(path)
+    from mtkd_jax.clip.torch_io import read_torch_file
+
     return read_torch_file(path)
-
-
-def _read_torch_interim(path: str) -> Any:
-    import torch
-
-    def to_numpy(obj):
-        if isinstance(obj, torch.Tensor):
-            obj = obj.detach()
-            return (obj.float() if obj.dtype == torch.bfloat16 else obj).numpy()
-        if isinstance(obj, Mapping):
-            return {k: to_numpy(v) for k, v in obj.items()}
-        if isinstance(obj, (list, tuple)):
-            return type(obj)(to_numpy(v) for v in obj)
-        return obj
-
-    return to_numpy(torch.load(path, map_location="cpu", weights_only=True))
 
 
 _SAFETENSORS_DTYPES = {
