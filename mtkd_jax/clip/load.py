@@ -119,6 +119,30 @@ def port(model, sources: Iterable[Source]) -> None:
         )
 
 
+def build_uninitialised(build: Callable[[], Any]):
+    """`build()` a Keras model without computing initial values that loading would overwrite.
+
+    Keras defers the initialisation of variables created inside a `StatelessScope`; the loader
+    then assigns every variable (strictly) and `forget_pending` drops them from Keras's list of
+    variables awaiting initialisation. Saves the model's size in RAM and the compile time of
+    the random initialisers (seconds for ViT-L/14).
+    """
+    import keras
+
+    with keras.StatelessScope(initialize_variables=False):
+        return build()
+
+
+def forget_pending(model) -> None:
+    """Remove `model`'s variables from Keras's deferred-initialisation list (see above)."""
+    from keras.src.backend.common import global_state
+
+    pending = global_state.get_global_attribute("uninitialized_variables") or []
+    ours = {id(v) for v in model.weights}
+    remaining = [v for v in pending if id(v) not in ours]
+    global_state.set_global_attribute("uninitialized_variables", remaining)
+
+
 # --------------------------------------------------------------------------- mapping tables
 
 
@@ -810,14 +834,17 @@ def load(source: str | os.PathLike, prompts: Any = None, *, dtype: str = "float3
             f"Received: prompts={prompts!r}"
         )
     config = base.config.replace(**settings)
-    model = CLIP(config, dtype=dtype)
-    sources = [Source(base.description, base.tensors, base.table(model), base.ignored)]
-    for description, tensors in sources_extra:
-        sources.append(Source(description, tensors, prompt_table(model), _ignored_in_prompts))
-    if fresh:
-        # The fresh prompts keep their random initialisation: no table has to fill them.
-        sources.append(_fresh_prompt_source(model))
-    port(model, sources)
+    model = build_uninitialised(lambda: CLIP(config, dtype=dtype))
+    try:
+        sources = [Source(base.description, base.tensors, base.table(model), base.ignored)]
+        for description, tensors in sources_extra:
+            sources.append(Source(description, tensors, prompt_table(model), _ignored_in_prompts))
+        if fresh:
+            # Fresh prompts take their initializers' values: no checkpoint has to fill them.
+            sources.append(_fresh_prompt_source(model))
+        port(model, sources)
+    finally:
+        forget_pending(model)
     if fresh and config.text_prompt_depth:
         ids = load_tokenizer(source).encode(TEXT_PROMPT_INIT)
         if len(ids) == config.text_prompt_length:
@@ -864,6 +891,13 @@ def read_native(directory: str | os.PathLike, *, dtype: str = "float32"):
             f"Expected format {FORMAT_NAME!r} version {FORMAT_VERSION}. Received: "
             f"format={values.get('format')!r}, version={values.get('version')!r} in {directory!r}"
         )
-    model = CLIP(CLIPConfig.from_dict(values["config"]), dtype=dtype)
-    model.load_weights(os.path.join(directory, WEIGHTS_FILE))
+    config = CLIPConfig.from_dict(values["config"])
+    model = build_uninitialised(lambda: CLIP(config, dtype=dtype))
+    try:
+        model.load_weights(os.path.join(directory, WEIGHTS_FILE))
+    finally:
+        forget_pending(model)
+    unset = [v.path for v in model.weights if v._value is None]
+    if unset:
+        raise CheckpointMismatchError(f"{directory!r} left these variables unset: {unset}")
     return model
