@@ -231,26 +231,15 @@ def shared_values(model, source):
     return fn
 
 
-def class_prompts(classnames: list[str], template: str, prompted: bool, prompt_length: int):
-    """The text of each class's prompt.
-
-    A plain CLIP reads the dataset's template ("a photo of a {}, a type of pet."). A CLIP with
-    text deep prompts reads "a photo of a {}." (PromptSRC's initialisation) whose first
-    `prompt_length` tokens the learned context vectors replace; other lengths use "X" tokens.
-    """
-    if not prompted:
-        return [template.format(name) for name in classnames]
-    prefix = "a photo of a" if prompt_length == 4 else " ".join(["X"] * prompt_length)
-    return [f"{prefix} {name}." for name in classnames]
-
-
 def class_token_ids(teacher, tokenizer, classnames, template) -> np.ndarray:
-    """int32 `[C, context_length]` token ids of the class prompts for `teacher`."""
-    config = teacher.config
-    texts = class_prompts(
-        classnames, template, config.text_prompt_depth > 0, config.text_prompt_length
-    )
-    return tokenizer.tokenize(texts, context_length=config.context_length)
+    """int32 `[C, context_length]` ids of the class prompts for `teacher`.
+
+    A plain CLIP reads the dataset's template ("a photo of a {}, a type of pet."); with text
+    deep prompts the learned context replaces the placeholders before each class name.
+    """
+    from mtkd_jax.clip.model import class_token_ids as token_ids_for
+
+    return token_ids_for(classnames, tokenizer, teacher.config, template)
 
 
 def save_prompts(teacher, path: Path) -> None:
