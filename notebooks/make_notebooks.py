@@ -80,20 +80,19 @@ batch- and class-level losses see the whole batch whatever the number of cores).
 
 **On Colab** (what a TPU user does differently from a CPU/GPU user):
 
-- *Runtime → Change runtime type → TPU* (v2-8, v5e-1 or v6e-1 all work; the batch sizes
-  below are multiples of 8, so a v2-8's 8 cores each get an equal share), then
-  *Runtime → Run all*.
+- *Runtime → Change runtime type → TPU*, then *Runtime → Run all*. The batch sizes below are
+  multiples of 8, so each of a v2-8's 8 cores gets an equal share; a single-chip runtime
+  (v5e-1, v6e-1) takes the whole batch. Batch sizes must be multiples of the core count.
 - Colab's TPU runtimes ship JAX with TPU support. The install cell installs `mtkd_jax` from
   `package_source` together with `jax[tpu]`, so pip keeps a JAX that finds the TPU (on a GPU
   runtime set `jax_extra = "cuda12"`, on CPU `"cpu"`). If pip asks to restart the session,
   do so and *Run all* again: the install cell is skipped once `mtkd_jax` imports.
-- The teacher (about 1.7 GB) comes from Kaggle through keras-hub and Oxford Pets (about
-  800 MB) through TensorFlow Datasets, both on the first run. A full run takes roughly an hour
-  on a v2-8; everything is written to `workdir`, and re-running with `resume = True` continues
-  from the last finished epoch after a disconnect (mount Google Drive and point `workdir`
-  there to keep it across sessions).
-- Memory: ViT-L/14 in float32 fits each v2 core's 8 GB at these batch sizes; use
-  `dtype = "bfloat16"` for larger batches.
+- The teacher (about 1.7 GB in float32) comes from Kaggle through keras-hub and Oxford Pets
+  (about 800 MB) through TensorFlow Datasets, both on the first run. Everything is written to
+  `workdir`; re-running with `resume = True` continues from the last finished epoch after a
+  disconnect (mount Google Drive and point `workdir` there to keep it across sessions).
+- Memory: every core holds a copy of the teacher and the student; if a core runs out of
+  memory, set `dtype = "bfloat16"` or lower the batch sizes.
 
 Your own teacher: `teacher` accepts a Hugging Face CLIP directory, an OpenAI `.pt` file or a
 checkpoint converted with `python -m mtkd_jax.convert`; `teacher_prompts` a PromptKD teacher
