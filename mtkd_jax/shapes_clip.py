@@ -61,7 +61,7 @@ class PretrainConfig:
 
     preset: str = "tiny-teacher"
     patch_size: int = 0  # 0: the preset's
-    steps: int = 2000
+    steps: int = 1000
     batch_size: int = 128
     corpus_size: int = 20000
     learning_rate: float = 1e-3
