@@ -94,7 +94,7 @@ def test_file_that_does_not_match_the_model_raises_listing_names(tmp_path):
 
 
 def test_shipped_weights_classify_fresh_test_images_zero_shot(shipped):
-    accuracy = shapes_clip.evaluate(shipped, None, num_images=20 * len(shapes.CLASSNAMES), seed=7)
+    accuracy = shapes_clip.evaluate(shipped, None, num_images=15 * len(shapes.CLASSNAMES), seed=7)
     for key, floor in SHIPPED_FLOOR.items():
         assert accuracy[key] >= floor, accuracy
 
@@ -107,6 +107,7 @@ def test_shipped_weights_are_small():
 def test_pretraining_command_still_produces_a_model_well_above_chance(tmp_path):
     # A shrunk run of the same command: the "tiny" architecture, 250 steps.
     arguments = ["--out", str(tmp_path), "--preset=tiny", "--steps=250", "--batch_size=64"]
+    arguments += ["--learning_rate=0.002"]
     arguments += ["--corpus_size=4000", f"--eval_images={10 * len(shapes.CLASSNAMES)}"]
     report = shapes_clip.main(arguments)
     written = json.loads((tmp_path / shapes_clip.REPORT_FILE).read_text())
