@@ -538,8 +538,8 @@ with the package as the teacher. The run is the full method, as
 - baselines: the teacher zero-shot, the same student trained on the shots alone
   ("supervised"), and stage 1 with the instance-level loss only.
 
-It takes about three minutes on two CPU cores. The novel classes are colour-shape combinations
-that no labeled image shows.
+It needs no accelerator: a few minutes on a CPU. The novel classes are colour-shape
+combinations that no labeled image shows.
 """),
     parameters(r"""
 # Parameters (papermill-style: a runner may override them in a cell inserted after this one).
