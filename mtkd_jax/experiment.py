@@ -311,6 +311,7 @@ def training_batches(ctx: Context, split, stage: str, *, labeled: bool):
             seed=ctx.epoch_seed(stage, epoch),
             labeled=labeled,
             strict=ctx.config.strict_data,
+            min_crop_scale=ctx.config.min_crop_scale,
         )
 
     return batches_for_epoch, pipeline.steps_per_epoch(len(split), batch_size, training=True)
@@ -414,6 +415,8 @@ def fit_stage(ctx: Context, stage: str, model, loss_fn, frozen, split, *, labele
         metadata={"config": dataclasses.asdict(config)},
     )
     train.assign_to_model(model, state.trainable, state.non_trainable)
+    # One compilation per stage is the contract (fixed batch shapes); recorded for the record.
+    ctx.results.setdefault("train_step_compilations", {})[stage] = step.trace_count
     return model
 
 
@@ -749,6 +752,10 @@ def run(config: RunConfig) -> dict:
     from mtkd_jax.clip.load import load_tokenizer
 
     config.validate()
+    if config.multihost:
+        import jax
+
+        jax.distributed.initialize()
     workdir = _prepare_workdir(config)
     keras.utils.set_random_seed(config.seed)
     mesh = train.make_mesh()

@@ -51,7 +51,11 @@ HELP = {
     "reduction": "Residual adapter bottleneck reduction (stage 2).",
     "residual_ratio": "Residual adapter mixing ratio: ratio*adapter(x) + (1-ratio)*x.",
     "image_size": "Input resolution; 0 takes the teacher's.",
+    "min_crop_scale": "Smallest area of the training random resized crop, as a fraction of the "
+    "image (the paper's 0.08).",
     "dtype": "Compute dtype: float32, or bfloat16 (float32 variables, optimizer and losses).",
+    "multihost": "Call jax.distributed.initialize() first (a multi-host TPU pod or GPU cluster; "
+    "each host then reads its own share of every batch).",
     "optimizer": "sgd (the paper's, with momentum) or adamw.",
     "lr": "Peak learning rate (after warm-up), cosine-decayed to 0.",
     "momentum": "SGD momentum.",

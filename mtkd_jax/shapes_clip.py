@@ -37,6 +37,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 import mtkd_jax  # noqa: F401  (sets KERAS_BACKEND=jax before Keras is imported)
 from mtkd_jax.clip.config import CLIPConfig  # noqa: E402
+from mtkd_jax.clip.load import TEXT_PROMPT_INIT  # noqa: E402
 from mtkd_jax.clip.model import CLIP  # noqa: E402
 from mtkd_jax.clip.tokenizer import CLIPTokenizer  # noqa: E402
 from mtkd_jax.data import shapes  # noqa: E402
@@ -347,6 +348,11 @@ def load_shapes_clip(
                 f"{tuple(variable.shape)}."
             )
         variable.assign(value)
+    init_ids = CLIPTokenizer().encode(TEXT_PROMPT_INIT)
+    if prompt_depth and len(init_ids) == prompt_length:
+        # As the loaders of real checkpoints do (PromptSRC's ctx_init): the text context starts
+        # as "a photo of a", so the prompted teacher starts where the zero-shot one stands.
+        model.init_text_prompts(init_ids)
     return model
 
 

@@ -77,6 +77,18 @@ def test_random_crop_windows_follow_torchvision_rules():
     assert abs(np.log(ratios).mean()) < 0.05
 
 
+def test_min_crop_scale_bounds_the_crop_area():
+    h, w = 375, 500
+    areas = []
+    for i in range(200):
+        seed = tf.constant([11, i], tf.int64)
+        top, left, ch, cw = (int(v) for v in preprocess.random_crop_window(h, w, seed, 0.9))
+        assert 0 <= top and top + ch <= h and 0 <= left and left + cw <= w
+        areas.append(ch * cw / (h * w))
+    assert min(areas) >= 0.9 * 0.97 and max(areas) <= 1.0
+    assert np.mean(areas) > 0.9
+
+
 def test_random_crop_falls_back_to_a_centre_crop_for_extreme_aspect_ratios():
     # 10 x 1000: no draw fits, torchvision takes the centre crop with the ratio clamped to 4/3.
     top, left, ch, cw = _window(10, 1000, [0, 3])

@@ -90,6 +90,7 @@ def make_batches(
     process_index: int | None = None,
     process_count: int | None = None,
     strict: bool = False,
+    min_crop_scale: float = preprocess.CROP_SCALE[0],
 ) -> "BatchIterator":
     """An iterable of batches of `split` (see the module docstring for their content).
 
@@ -103,6 +104,8 @@ def make_batches(
       epochs: training epochs to yield (None: endless); evaluation always makes one pass.
       process_index, process_count: this host and the number of hosts (default: JAX's).
       strict: fail naming the file on the first unreadable image instead of skipping it.
+      min_crop_scale: the smallest area of the training random resized crop, as a fraction of
+        the image (torchvision's and the paper's 0.08).
     """
     if not isinstance(split, Split):
         raise ValueError(f"make_batches needs a Split. Received: {type(split).__name__}")
@@ -110,6 +113,8 @@ def make_batches(
         raise ValueError("The split is empty: there is nothing to batch.")
     if not isinstance(image_size, int) or image_size < 1:
         raise ValueError(f"image_size must be a positive int. Received: image_size={image_size!r}")
+    if not 0.0 < min_crop_scale <= 1.0:
+        raise ValueError(f"min_crop_scale must be in (0, 1]. Received: {min_crop_scale!r}")
     if epochs is not None and (not isinstance(epochs, int) or epochs < 1):
         raise ValueError(f"epochs must be a positive int or None. Received: epochs={epochs!r}")
     index, count = _hosts(process_index, process_count)
@@ -135,6 +140,7 @@ def make_batches(
         process_index=index,
         process_count=count,
         strict=strict,
+        min_crop_scale=min_crop_scale,
     )
 
 
@@ -158,6 +164,7 @@ class BatchIterator:
         process_index: int,
         process_count: int,
         strict: bool,
+        min_crop_scale: float = preprocess.CROP_SCALE[0],
     ):
         self.split = split
         self.image_size = image_size
@@ -169,6 +176,7 @@ class BatchIterator:
         self.process_index = process_index
         self.process_count = process_count
         self.strict = strict
+        self.min_crop_scale = min_crop_scale
         self.skipped: list[str] = []
 
     def __len__(self) -> int:
@@ -235,13 +243,14 @@ class BatchIterator:
                 yield item + (split.labels[position],) if labeled else item
 
         size, seed, training = self.image_size, self.seed, self.training
+        min_crop_scale = self.min_crop_scale
         decode = split.kind != "images"
 
         def transform(position, counter, payload, *label):
             image = preprocess.decode_rgb(payload) if decode else payload
             if training:
                 image_seed = tf.stack([tf.constant(seed, tf.int64), counter])
-                image = preprocess.train_transform(image, size, image_seed)
+                image = preprocess.train_transform(image, size, image_seed, min_crop_scale)
             else:
                 image = preprocess.eval_transform(image, size)
             out = {"position": position, "images": image}

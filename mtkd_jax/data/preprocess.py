@@ -67,17 +67,17 @@ def eval_transform(image, size: int):
     return normalize(tf.ensure_shape(cropped, [size, size, 3]))
 
 
-def random_crop_window(height, width, seed):
+def random_crop_window(height, width, seed, min_scale: float = CROP_SCALE[0]):
     """torchvision RandomResizedCrop's window (top, left, crop_h, crop_w), int32 scalars.
 
-    Ten draws of (area fraction in CROP_SCALE, log-uniform aspect ratio in CROP_RATIO); the first
-    that fits is used, placed uniformly; if none fits, a centre crop with the ratio clamped.
+    Ten draws of (area fraction in [min_scale, 1], log-uniform aspect ratio in CROP_RATIO); the
+    first that fits is used, placed uniformly; if none fits, a centre crop with the ratio clamped.
     """
     u = tf.random.stateless_uniform([4, _ATTEMPTS], seed=seed, dtype=tf.float64)
     h = tf.cast(height, tf.float64)
     w = tf.cast(width, tf.float64)
     area = h * w
-    target = area * (CROP_SCALE[0] + (CROP_SCALE[1] - CROP_SCALE[0]) * u[0])
+    target = area * (min_scale + (CROP_SCALE[1] - min_scale) * u[0])
     log_lo, log_hi = math.log(CROP_RATIO[0]), math.log(CROP_RATIO[1])
     aspect = tf.exp(log_lo + (log_hi - log_lo) * u[1])
     cw = tf.round(tf.sqrt(target * aspect))
@@ -107,15 +107,16 @@ def random_crop_window(height, width, seed):
     return tuple(tf.unstack(tf.cast(window, tf.int32)))
 
 
-def train_transform(image, size: int, seed):
+def train_transform(image, size: int, seed, min_scale: float = CROP_SCALE[0]):
     """uint8 `[H, W, 3]` -> float32 `[size, size, 3]`: random resized crop, flip, normalise.
 
     Args:
       seed: int64 `[2]`, the stateless seed of this image.
+      min_scale: the smallest crop area, as a fraction of the image (torchvision's 0.08).
     """
     shape = tf.shape(image)
     seeds = tf.random.experimental.stateless_split(seed, num=2)
-    top, left, ch, cw = random_crop_window(shape[0], shape[1], seeds[0])
+    top, left, ch, cw = random_crop_window(shape[0], shape[1], seeds[0], min_scale)
     crop = image[top : top + ch, left : left + cw]
     out = resize_bicubic(crop, size, size)
     flip = tf.random.stateless_uniform([], seed=seeds[1]) < 0.5
