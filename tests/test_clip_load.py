@@ -492,3 +492,27 @@ def test_fresh_prompts_start_from_a_photo_of_a(hf):
     ids = CLIPTokenizer().encode("a photo of a")
     table = np.asarray(clip.text.embedding.token_embedding.embeddings)
     np.testing.assert_array_equal(np.asarray(clip.text.prompts.tokens[0]), table[ids])
+
+
+def test_converted_checkpoint_takes_fresh_prompts_for_stage_0(tmp_path):
+    from mtkd_jax.clip import CLIP, CLIPConfig
+    from mtkd_jax.clip import save as save_native
+    from mtkd_jax.clip.load import load as load_clip
+    from mtkd_jax.clip.tokenizer import CLIPTokenizer
+
+    plain = CLIP(CLIPConfig.preset("tiny"))
+    save_native(plain, tmp_path / "converted")
+    settings = {"vision_prompt_length": 4, "vision_prompt_depth": 2,
+                "text_prompt_length": 4, "text_prompt_depth": 2}  # fmt: skip
+    prompted = load_clip(tmp_path / "converted", prompts=settings)
+    assert len(prompted.prompt_variables()) == 4
+    carried = {v.path: np.asarray(v.value) for v in plain.weights}
+    prompt_ids = {id(v) for v in prompted.prompt_variables()}
+    for variable in prompted.weights:
+        if id(variable) not in prompt_ids:
+            np.testing.assert_array_equal(np.asarray(variable.value), carried[variable.path])
+    ids = CLIPTokenizer().encode("a photo of a")
+    table = np.asarray(prompted.text.embedding.token_embedding.embeddings)
+    np.testing.assert_array_equal(np.asarray(prompted.text.prompts.tokens[0]), table[ids])
+    with pytest.raises(ValueError, match="fresh prompt settings"):
+        load_clip(tmp_path / "converted", prompts=str(tmp_path / "model-best.pth.tar"))

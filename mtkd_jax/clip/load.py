@@ -814,10 +814,14 @@ def load(source: str | os.PathLike, prompts: Any = None, *, dtype: str = "float3
     source = os.fspath(source)
     if is_native(source):
         model = read_native(source, dtype=dtype)
+        if isinstance(prompts, Mapping) and not model.prompt_variables():
+            return _with_fresh_prompts(model, _prompt_config(prompts), source, dtype)
         if prompts is not None:
             raise ValueError(
-                "A converted checkpoint already holds its prompts; pass prompts= when "
-                f"converting instead. Received: source={source!r}, prompts={prompts!r}"
+                "A converted checkpoint takes only fresh prompt settings (a dict), and only when "
+                "it has no prompts yet; pass a prompt checkpoint when converting instead "
+                f"(python -m mtkd_jax.convert SRC DST --prompts CKPT). Received: source={source!r}"
+                f", prompts={prompts!r}"
             )
         return model
     base = read_base(source)
@@ -848,6 +852,23 @@ def load(source: str | os.PathLike, prompts: Any = None, *, dtype: str = "float3
     if fresh and config.text_prompt_depth:
         ids = load_tokenizer(source).encode(TEXT_PROMPT_INIT)
         if len(ids) == config.text_prompt_length:
+            model.init_text_prompts(ids)
+    return model
+
+
+def _with_fresh_prompts(plain, settings: Mapping[str, int], source: str, dtype):
+    """`plain` (a CLIP without prompts) rebuilt with fresh deep prompts, weights carried over."""
+    from mtkd_jax.clip.model import CLIP
+
+    model = CLIP(plain.config.replace(**settings), dtype=dtype, name=plain.name)
+    values = {variable.path: variable.value for variable in plain.weights}
+    prompts = {id(variable) for variable in model.prompt_variables()}
+    for variable in model.weights:
+        if id(variable) not in prompts:
+            variable.assign(values[variable.path])
+    if model.config.text_prompt_depth:
+        ids = load_tokenizer(source).encode(TEXT_PROMPT_INIT)
+        if len(ids) == model.config.text_prompt_length:
             model.init_text_prompts(ids)
     return model
 
