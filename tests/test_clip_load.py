@@ -516,3 +516,34 @@ def test_converted_checkpoint_takes_fresh_prompts_for_stage_0(tmp_path):
     np.testing.assert_array_equal(np.asarray(prompted.text.prompts.tokens[0]), table[ids])
     with pytest.raises(ValueError, match="fresh prompt settings"):
         load_clip(tmp_path / "converted", prompts=str(tmp_path / "model-best.pth.tar"))
+
+
+@pytest.mark.slow
+def test_real_vit_l14_matches_transformers(tmp_path):
+    """Both towers at the teacher's real shapes (428M parameters): `pytest -m slow`."""
+    vision = dict(
+        hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+        image_size=224, patch_size=14,
+    )  # fmt: skip
+    text = dict(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, eos_token_id=49407,
+        bos_token_id=49406, pad_token_id=0,
+    )  # fmt: skip
+    config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=768)
+    model = transformers.CLIPModel(config).eval()
+    randomise(model, seed=5)
+    model.save_pretrained(str(tmp_path))
+    images, _ = inputs(n_images=2, n_texts=1, image=224)
+    from mtkd_jax.clip.tokenizer import CLIPTokenizer
+
+    ids = CLIPTokenizer().tokenize(["a photo of a cat.", "a photo of a dog."]).astype(np.int64)
+    clip = load(str(tmp_path))
+    assert clip.config == clip.config.preset("ViT-L/14")
+    ours, theirs = our_outputs(clip, images, ids), hf_outputs(model, images, ids)
+    close(ours[0], theirs[0])  # image features
+    close(ours[1], theirs[1])  # text features
+    # Logits are exp(logit_scale) · cosine: the bar is 1e-4 of that scale (random features are
+    # nearly orthogonal here, so the logits' own norm is far below it).
+    scale = float(model.logit_scale.exp())
+    assert np.abs(ours[2] - theirs[2]).max() <= 1e-4 * scale
