@@ -323,14 +323,9 @@ def predict_test_logits(ctx: Context, logits_fn, variables) -> tuple[np.ndarray,
     `logits_fn(variables, images) -> [batch, C]` runs jitted on the batch sharded over devices;
     the padded rows of the last batch are dropped using its mask.
     """
-    import jax
-
     from mtkd_jax import train
     from mtkd_jax.data import pipeline
 
-    jitted = jax.jit(logits_fn, out_shardings=train.replicated_sharding(ctx.mesh))
-    variables = train.replicate(variables, ctx.mesh)
-    all_logits, all_labels = [], []
     batches = pipeline.make_batches(
         ctx.dataset.split("test"),
         image_size=ctx.image_size,
@@ -340,13 +335,8 @@ def predict_test_logits(ctx: Context, logits_fn, variables) -> tuple[np.ndarray,
         labeled=True,
         strict=ctx.config.strict_data,
     )
-    for batch in batches:
-        images = train.shard_batch({"images": batch["images"]}, ctx.mesh)["images"]
-        logits = np.asarray(jax.device_get(jitted(variables, images)))
-        keep = np.asarray(batch["mask"], bool)
-        all_logits.append(logits[keep])
-        all_labels.append(np.asarray(batch["labels"])[keep])
-    return np.concatenate(all_logits), np.concatenate(all_labels)
+    step = train.make_predict_step(logits_fn, ctx.mesh)
+    return train.predict(step, variables, batches, ctx.mesh, description="evaluating")
 
 
 def evaluate_method(ctx: Context, method: str, logits_fn, variables) -> dict[str, float]:

@@ -26,7 +26,6 @@ import functools
 import importlib.util
 import itertools
 import json
-import math
 import os
 import time
 import warnings
@@ -371,90 +370,46 @@ def make_train_step(
     return TrainStep(jitted, mesh, frozen, counter)
 
 
-class EvalStep:
-    """The jitted `eval_step(trainable, non_trainable, batch) -> {"correct", "count"}`."""
-
-    def __init__(self, jitted, mesh: Mesh, frozen: Any, counter: list[int]):
-        self._jitted, self.mesh, self._frozen, self._counter = jitted, mesh, frozen, counter
-
-    @property
-    def trace_count(self) -> int:
-        return self._counter[0]
-
-    def __call__(self, trainable, non_trainable, batch):
-        return self._jitted(trainable, non_trainable, dict(batch), self._frozen)
-
-
-def make_eval_step(
-    predict_fn: Callable,
-    mesh: Mesh,
-    *,
-    frozen: Any = None,
-    label_key: str = "labels",
-    mask_key: str = "mask",
-) -> EvalStep:
-    """Builds the jitted evaluation step: correct predictions and counted examples of a batch.
+def make_predict_step(predict_fn: Callable, mesh: Mesh) -> Callable:
+    """The jitted `predict_step(variables, images) -> logits [batch, classes]`.
 
     Args:
-        predict_fn: `predict_fn(trainable, non_trainable, batch) -> logits [batch, classes]`;
-            with `frozen` given, `frozen` is passed as a fourth argument.
-        mesh: from `make_mesh`.
-        frozen: optional replicated pytree passed to `predict_fn` (see `make_train_step`).
-        label_key: the batch entry with int labels `[batch]` (the data pipeline's "labels").
-        mask_key: the optional batch entry `[batch]` (bool or 0/1) marking real rows; padded rows
-            (mask 0) are not counted.
-
-    Returns:
-        An `EvalStep` returning int32 scalars `correct` and `count`, summed over the global batch.
+        predict_fn: `predict_fn(variables, images) -> logits`, where `variables` is any pytree
+            of arrays (e.g. a model's `(trainable, non_trainable)` values) and `images` the
+            batch's `[batch, H, W, 3]` images.
+        mesh: from `make_mesh`; `images` are split over "data", the logits come back replicated.
     """
-    counter = [0]
-
-    def step(trainable, non_trainable, batch, frozen_values):
-        counter[0] += 1
-        extra = () if frozen_values is None else (frozen_values,)
-        logits = predict_fn(trainable, non_trainable, batch, *extra)
-        labels = batch[label_key]
-        if logits.ndim != 2 or logits.shape[0] != labels.shape[0]:
-            raise ValueError(
-                "predict_fn must return logits [batch, classes] matching the labels. "
-                f"Received: logits {logits.shape}, labels {labels.shape}"
-            )
-        mask = batch.get(mask_key)
-        mask = jnp.ones(labels.shape, jnp.int32) if mask is None else (mask > 0).astype(jnp.int32)
-        hits = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.int32)
-        return {"correct": jnp.sum(hits * mask), "count": jnp.sum(mask)}
-
     replicated = replicated_sharding(mesh)
-    jitted = jax.jit(
-        step,
-        in_shardings=(replicated, replicated, batch_sharding(mesh), replicated),
+    return jax.jit(
+        predict_fn,
+        in_shardings=(replicated, batch_sharding(mesh)),
         out_shardings=replicated,
     )
-    frozen = None if frozen is None else replicate(frozen, mesh)
-    return EvalStep(jitted, mesh, frozen, counter)
 
 
-def evaluate(
-    eval_step: EvalStep,
-    trainable: Sequence[Any],
-    non_trainable: Sequence[Any],
+def predict(
+    predict_step: Callable,
+    variables: Any,
     batches: Iterable[Mapping[str, Any]],
+    mesh: Mesh,
     *,
     description: str | None = None,
-) -> dict[str, float]:
-    """Accuracy of `predict_fn` over `batches` (host batches), synced once at the end.
+) -> tuple[np.ndarray, np.ndarray]:
+    """Logits and labels of every real example of `batches`, each counted once.
+
+    Padded rows (`batch["mask"]` False, the tail of the last evaluation batch) are dropped.
 
     Returns:
-        `{"accuracy": correct / count, "correct": int, "count": int}` (accuracy is NaN when no
-        row was counted).
+        `(logits [N, classes], labels [N])` as numpy arrays on the host.
     """
-    totals = []
+    variables = replicate(variables, mesh)
+    logits, labels = [], []
     for batch in tqdm(batches, desc=description, leave=False, disable=description is None):
-        totals.append(eval_step(trainable, non_trainable, shard_batch(batch, eval_step.mesh)))
-    totals = jax.device_get(totals)
-    correct = int(sum(int(t["correct"]) for t in totals))
-    count = int(sum(int(t["count"]) for t in totals))
-    return {"accuracy": correct / count if count else math.nan, "correct": correct, "count": count}
+        images = shard_batch({"images": batch["images"]}, mesh)["images"]
+        keep = np.asarray(batch.get("mask", np.ones(len(batch["images"]), bool)), bool)
+        logits.append(np.asarray(jax.device_get(predict_step(variables, images)))[keep])
+        labels.append(np.asarray(batch["labels"])[keep])
+    return np.concatenate(logits), np.concatenate(labels)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -282,27 +282,30 @@ def test_a_finished_stage_is_not_overwritten_silently(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_eval_step_counts_only_unmasked_rows():
+def test_predict_returns_each_real_row_once_and_drops_padding():
     mesh = train.make_mesh()
     rng = np.random.default_rng(0)
     weights = rng.normal(size=(FEATURES, 5)).astype(np.float32)
-    batches = []
-    for _ in range(3):
-        batches.append(
-            {
-                "x": rng.normal(size=(BATCH, FEATURES)).astype(np.float32),
-                "labels": rng.integers(0, 5, size=BATCH).astype(np.int32),
-                "mask": rng.random(BATCH) > 0.3,
-            }
-        )
-    step = train.make_eval_step(lambda tr, nt, b: b["x"] @ tr[0], mesh)
-    result = train.evaluate(step, [jnp.asarray(weights)], [], batches)
-    hits = [(np.argmax(b["x"] @ weights, -1) == b["labels"])[b["mask"]] for b in batches]
-    expected = np.concatenate(hits)
-    assert result["count"] == expected.size
-    assert result["correct"] == int(expected.sum())
-    assert result["accuracy"] == pytest.approx(expected.mean())
-    assert step.trace_count == 1
+    batches = [
+        {
+            "images": rng.normal(size=(BATCH, FEATURES)).astype(np.float32),
+            "labels": rng.integers(0, 5, size=BATCH).astype(np.int32),
+            "mask": rng.random(BATCH) > 0.3,
+        }
+        for _ in range(3)
+    ]
+    step = train.make_predict_step(lambda w, x: x @ w, mesh)
+    logits, labels = train.predict(step, jnp.asarray(weights), batches, mesh)
+    keep = [b["mask"] for b in batches]
+    np.testing.assert_allclose(
+        logits,
+        np.concatenate([(b["images"] @ weights)[k] for b, k in zip(batches, keep, strict=True)]),
+        rtol=1e-5,
+        atol=1e-5,
+    )
+    np.testing.assert_array_equal(
+        labels, np.concatenate([b["labels"][k] for b, k in zip(batches, keep, strict=True)])
+    )
 
 
 def test_frozen_inputs_reach_the_loss_without_training(tmp_path):
