@@ -68,6 +68,7 @@ class RunConfig:
     unlabeled_pool: str = "fewshot"
     base_to_novel: bool = True
     strict_data: bool = False
+    data_threads: int = 0
     # Bookkeeping.
     eval_every: int = 0
     log_every: int = 10
@@ -103,6 +104,8 @@ class RunConfig:
                 "--loss_weights takes three numbers (instance, batch, class). "
                 f"Received {self.loss_weights}."
             )
+        if self.data_threads < 0:
+            raise ValueError(f"--data_threads must be >= 0. Received {self.data_threads}.")
         if not 0.0 < self.min_crop_scale <= 1.0:
             raise ValueError(f"--min_crop_scale must be in (0, 1]. Received {self.min_crop_scale}.")
         if not 0.0 <= self.residual_ratio <= 1.0:
@@ -128,12 +131,13 @@ DEMO_SETTINGS = {
     "lr": 2e-3,
     "weight_decay": 1e-4,
     "warmup_epochs": 0,
-    "epochs": 6,
+    "epochs": 5,
     "teacher_epochs": 10,
-    "adapter_epochs": 30,
+    "adapter_epochs": 20,
     "batch_size": 64,
     "min_crop_scale": 0.9,
     "eval_batch_size": 256,
+    "data_threads": 1,
     "baselines": ("zero_shot", "supervised", "instance_only"),
 }
 

@@ -682,6 +682,23 @@ def _prepare_workdir(config: RunConfig) -> Path:
     return workdir
 
 
+def _limit_data_threads(threads: int) -> None:
+    """Caps TensorFlow's op threads (the input pipeline's) before TensorFlow starts; 0: as is."""
+    import sys
+
+    if not threads:
+        return
+    if "tensorflow" not in sys.modules:
+        os.environ["TF_NUM_INTRAOP_THREADS"] = os.environ["TF_NUM_INTEROP_THREADS"] = str(threads)
+        return
+    tf = sys.modules["tensorflow"]
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads)
+    except RuntimeError:
+        logger.warning("TensorFlow is already running; --data_threads=%d has no effect.", threads)
+
+
 def _check_devices(config: RunConfig, mesh) -> None:
     devices = mesh.devices.size
     for name in ("batch_size", "eval_batch_size"):
@@ -737,6 +754,7 @@ def _set_class_features(ctx: Context) -> None:
 
 def run(config: RunConfig) -> dict:
     """Runs the stages of `config` end to end; returns the results (also in results.json)."""
+    _limit_data_threads(config.data_threads)  # Before anything imports TensorFlow.
     keras = _import_keras()
     from mtkd_jax import train
     from mtkd_jax.clip.load import load_tokenizer

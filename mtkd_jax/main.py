@@ -81,6 +81,8 @@ HELP = {
     "(the whole training split, labels dropped).",
     "base_to_novel": "Train stages 0 and 2 on the base classes only and report base/novel/HM.",
     "strict_data": "Fail on the first unreadable image instead of skipping and reporting it.",
+    "data_threads": "TensorFlow op threads for the input pipeline (0: TensorFlow's default). On a "
+    "small CPU machine 1 leaves the cores to XLA; the demo uses 1.",
     "eval_every": "Also evaluate every N epochs (0: only after each stage).",
     "log_every": "Steps between metric logs (and host syncs).",
     "resume": "Continue the run found in --workdir from its last checkpoint.",
