@@ -414,13 +414,8 @@ def teacher_logits_fn(ctx: Context, teacher, text_features: np.ndarray):
     """`fn((trainable, non_trainable), images) -> [batch, C]` teacher logits, for evaluation."""
     import jax.numpy as jnp
 
-    text = jnp.asarray(text_features)
-
-    def fn(variables, images):
-        features = teacher.stateless_encode_image(*variables, images)
-        return stages.class_logits(features, text, ctx.logit_scale)
-
-    return fn
+    text, logits = jnp.asarray(text_features), stages.teacher_logits_fn(teacher)
+    return lambda variables, images: logits(variables, images, text, ctx.logit_scale)
 
 
 def student_logits_fn(ctx: Context, student):
@@ -809,23 +804,16 @@ def run(config: RunConfig) -> dict:
         _evaluate_zero_shot(ctx)
     if run_stage0:
         run_teacher_stage(ctx)
-    if "1" in stages_to_run or "2" in stages_to_run:
-        if not run_stage0:
-            source = _teacher_prompts_source(config, workdir)
-            if source is not None:
-                _load_teacher_prompts(ctx, source)
-        _set_class_features(ctx)
+    elif "1" in stages_to_run or "2" in stages_to_run:
+        source = _teacher_prompts_source(config, workdir)
+        if source is not None:
+            _load_teacher_prompts(ctx, source)
+    if run_stage0 or "1" in stages_to_run or "2" in stages_to_run:
+        _set_class_features(ctx)  # The teacher is final from here on: its features, once.
         teacher_fn = teacher_logits_fn(ctx, ctx.teacher, ctx.text_features)
-        teacher_accuracy = evaluate_method(
-            ctx, "teacher", teacher_fn, train.model_variables(ctx.teacher)
-        )
+        accuracies = evaluate_method(ctx, "teacher", teacher_fn, train.model_variables(ctx.teacher))
         if run_stage0:
-            ctx.results["methods"]["teacher_stage0"] = dict(teacher_accuracy)
-    elif run_stage0:
-        _set_class_features(ctx)
-        teacher_fn = teacher_logits_fn(ctx, ctx.teacher, ctx.text_features)
-        accuracy_ = evaluate_method(ctx, "teacher", teacher_fn, train.model_variables(ctx.teacher))
-        ctx.results["methods"]["teacher_stage0"] = dict(accuracy_)
+            ctx.results["methods"]["teacher_stage0"] = dict(accuracies)
 
     if "1" in stages_to_run:
         student = run_distillation_stage(ctx, "stage1", config.loss_weights)
