@@ -23,13 +23,12 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-from mtkd_jax import checkpoint, report, stages
+from mtkd_jax import atomic, checkpoint, report, stages
 from mtkd_jax.config import RunConfig
 
 logger = logging.getLogger(__name__)
@@ -57,42 +56,16 @@ def _import_keras():
 # Small utilities
 
 
-def write_json_atomic(path: Path, payload) -> None:
-    """Writes JSON to a temporary file beside `path`, then renames it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(descriptor, "w") as file:
-            json.dump(payload, file, indent=2, sort_keys=False)
-            file.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_npz_atomic(path: Path, **arrays) -> None:
-    """`np.savez` to a temporary file beside `path`, then renamed over `path` (no pickles)."""
-    path = Path(path)
-    descriptor, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".npz")
-    os.close(descriptor)
-    try:
+    """`np.savez` (no pickles) to `path`, atomically."""
+    with atomic.replacing(path, suffix=".npz") as tmp:
         np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_weights_atomic(model, path: Path) -> None:
-    """`model.save_weights` (Keras .weights.h5) to a temporary name, then renamed over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name[: -len('.weights.h5')]}.tmp.weights.h5")
-    model.save_weights(str(tmp))
-    os.replace(tmp, path)
+    """`model.save_weights` (Keras .weights.h5) to `path`, atomically."""
+    with atomic.replacing(path, suffix=".weights.h5") as tmp:
+        model.save_weights(str(tmp))
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray, class_ids: np.ndarray) -> float:
@@ -355,7 +328,7 @@ def evaluate_method(ctx: Context, method: str, logits_fn, variables) -> dict[str
 
 def write_results(ctx: Context) -> None:
     """Writes `results.json` (atomically) with what has been measured so far."""
-    write_json_atomic(ctx.workdir / RESULTS_FILE, ctx.results)
+    atomic.write_json(ctx.workdir / RESULTS_FILE, ctx.results)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -673,7 +646,7 @@ def _prepare_workdir(config: RunConfig) -> Path:
                 "--overwrite to start afresh, or choose another --workdir."
             )
     workdir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(workdir / "flags.json", dataclasses.asdict(config))
+    atomic.write_json(workdir / "flags.json", dataclasses.asdict(config))
     return workdir
 
 

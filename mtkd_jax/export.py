@@ -14,6 +14,7 @@ import numpy as np
 from keras import ops
 
 import mtkd_jax  # noqa: F401  (sets KERAS_BACKEND=jax)
+from mtkd_jax import atomic
 from mtkd_jax import student as student_lib  # noqa: F401  (registers the student's layers)
 
 
@@ -113,9 +114,8 @@ def export_classifier(
         name="mtkd_student",
     )
     model.text_features.assign(text_features)
-    tmp = path.with_name(f".{path.stem}.tmp.keras")
-    model.save(tmp)
-    os.replace(tmp, path)
+    with atomic.replacing(path, suffix=".keras") as tmp:
+        model.save(tmp)
     return path
 
 

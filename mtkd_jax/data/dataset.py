@@ -21,6 +21,7 @@ import os
 
 import numpy as np
 
+from mtkd_jax import atomic
 from mtkd_jax.data import fewshot
 
 logger = logging.getLogger(__name__)
@@ -190,7 +191,7 @@ class FewShotDataset:
                 "val": {"positions": val_pos.tolist(), "ids": val.ids[val_pos].tolist()},
             }
             try:
-                fewshot.write_json_atomic(path, payload)
+                atomic.write_json(path, payload, indent=1)
             except OSError as error:
                 logger.warning("Could not cache the few-shot sample at %s: %s", path, error)
         return train.subset(train_pos), val.subset(val_pos)

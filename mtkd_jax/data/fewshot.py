@@ -101,12 +101,3 @@ def default_cache_dir() -> str:
 def read_json(path: str):
     with open(path, encoding="utf-8") as f:
         return json.load(f)
-
-
-def write_json_atomic(path: str, payload) -> None:
-    """Writes JSON to `path` through a temporary file and a rename (no half-written file)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, path)

@@ -15,6 +15,7 @@ import os
 
 import numpy as np
 
+from mtkd_jax import atomic
 from mtkd_jax.data import coop_source, fewshot
 from mtkd_jax.data.registry import DatasetSpec
 
@@ -94,11 +95,11 @@ def load(spec: DatasetSpec, root: str, *, strict: bool, cache_dir: str):
     if not os.path.exists(path):
         payload = make_split(folder)
         try:
-            fewshot.write_json_atomic(path, payload)
+            atomic.write_json(path, payload, indent=1)
         except OSError as error:
             logger.warning("Cannot write %s (%s); saving the split to %s.", path, error, fallback)
             path = fallback
-            fewshot.write_json_atomic(path, payload)
+            atomic.write_json(path, payload, indent=1)
         logger.info(
             "Created the 50/20/30 split of %s (%s) and saved it to %s.",
             spec.name,
