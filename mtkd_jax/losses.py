@@ -92,6 +92,16 @@ def _prepare(
     return log_p_student, log_p_teacher, mask
 
 
+def _matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """`a @ b` in full float32 precision.
+
+    By default GPUs multiply float32 matrices in TF32 and TPUs in bfloat16, which moved the
+    batch-level loss by 3e-4 (relative) on an H200. The relation matrices are small
+    (`[batch, batch]`, `[classes, classes]`), so exact float32 costs next to nothing.
+    """
+    return jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
 def _num_rows(mask: jax.Array) -> jax.Array:
     """The number of real rows, at least 1 so that an all-padding batch gives 0, not NaN."""
     return jnp.maximum(jnp.sum(mask), 1.0)
@@ -168,7 +178,7 @@ def batch_kd(
     log_p_s, log_p_t, mask = _prepare(student_logits, teacher_logits, temperature, where)
     p_s = jnp.exp(log_p_s) * mask[:, None]
     p_t = jnp.exp(log_p_t) * mask[:, None]
-    difference = p_t @ p_t.T - p_s @ p_s.T
+    difference = _matmul(p_t, p_t.T) - _matmul(p_s, p_s.T)
     return jnp.sum(jnp.square(difference)) / _num_rows(mask)
 
 
@@ -207,7 +217,7 @@ def class_kd(
     log_p_s, log_p_t, mask = _prepare(student_logits, teacher_logits, temperature, where)
     p_s = jnp.exp(log_p_s) * mask[:, None]
     p_t = jnp.exp(log_p_t) * mask[:, None]
-    difference = p_t.T @ p_t - p_s.T @ p_s
+    difference = _matmul(p_t.T, p_t) - _matmul(p_s.T, p_s)
     return jnp.sum(jnp.square(difference)) / p_s.shape[-1]
 
 
