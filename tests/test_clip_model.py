@@ -120,3 +120,32 @@ def test_invalid_config_says_what_was_received():
         CLIPConfig.preset("tiny", vision_prompt_length=4, vision_prompt_depth=20)
     with pytest.raises(ValueError, match="Valid names"):
         CLIPConfig.preset("ViT-H/14")
+
+
+def test_flash_attention_fallback_tracebacks_become_one_warning(caplog):
+    import logging
+
+    from absl import logging as absl_logging
+
+    import mtkd_jax.clip.model  # noqa: F401  (installs the filter)
+    from mtkd_jax.clip import attention_log
+
+    absl_filters = logging.getLogger("absl").filters
+    assert any(isinstance(f, attention_log.FlashFallbackFilter) for f in absl_filters)
+    installed = attention_log.install()
+    assert attention_log.install() is installed  # once per process
+    installed.dropped = 0
+    with caplog.at_level(logging.INFO):
+        for _ in range(3):  # what Keras does for each attention block it traces
+            try:
+                raise NotImplementedError("Unsupported sequence length Q 201, KV 201.")
+            except NotImplementedError:
+                absl_logging.exception(
+                    "Failed to apply cudnn implementation of jax.nn.dot_product_attention."
+                )
+        absl_logging.error("an unrelated error")
+    messages = [record.getMessage() for record in caplog.records]
+    assert not any(m.startswith("Failed to apply cudnn") for m in messages)
+    warnings = [m for m in messages if "refused some attention shapes" in m]
+    assert len(warnings) == 1 and "Q 201" in warnings[0]
+    assert "an unrelated error" in messages

@@ -27,9 +27,11 @@ import numpy as np
 from keras import layers, ops
 from keras_hub.src.models.clip.clip_layers import CLIPEncoderLayer
 
+from mtkd_jax.clip import attention_log
 from mtkd_jax.clip.config import CLIPConfig
 
 PROMPT_INIT_STDDEV = 0.02
+attention_log.install()  # Keras's flash-attention fallbacks: one warning, not a traceback each.
 
 
 @keras.saving.register_keras_serializable(package="mtkd_jax")
