@@ -22,6 +22,7 @@ in a warning when the iteration ends; with `strict=True` the iteration fails ins
 the file. TensorFlow never sees an accelerator (`tf_setup`).
 """
 
+import functools
 import io
 import logging
 import math
@@ -242,24 +243,20 @@ class BatchIterator:
                 item = (position, counter, payload)
                 yield item + (split.labels[position],) if labeled else item
 
-        size, seed, training = self.image_size, self.seed, self.training
-        min_crop_scale = self.min_crop_scale
-        decode = split.kind != "images"
-
-        def transform(position, counter, payload, *label):
-            image = preprocess.decode_rgb(payload) if decode else payload
-            if training:
-                image_seed = tf.stack([tf.constant(seed, tf.int64), counter])
-                image = preprocess.train_transform(image, size, image_seed, min_crop_scale)
-            else:
-                image = preprocess.eval_transform(image, size)
-            out = {"position": position, "images": image}
-            if label:
-                out["labels"] = label[0]
-            return out
-
+        transform = _transform(
+            signature,
+            image_size=self.image_size,
+            training=self.training,
+            decode=split.kind != "images",
+            min_crop_scale=self.min_crop_scale,
+        )
+        seed = tf.constant(self.seed, tf.int64)
         ds = tf.data.Dataset.from_generator(generate, output_signature=signature)
-        ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        ds = ds.map(
+            lambda *item: transform(seed, *item),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
         ds = ds.ignore_errors()
         ds = ds.batch(self.local_batch, drop_remainder=self.training)
         return ds.prefetch(tf.data.AUTOTUNE)
@@ -317,3 +314,29 @@ class BatchIterator:
                 out[key][:n] = batch[key]
         out["mask"] = np.arange(b) < n
         return out
+
+
+@functools.cache
+def _transform(signature, *, image_size, training, decode, min_crop_scale):
+    """The per-example map function, traced once per setting and reused by every epoch's
+    pipeline (an epoch only changes the seed, an argument), which saves a retrace per epoch.
+
+    `transform(seed, position, counter, payload[, label])` → `{"position", "images"[,
+    "labels"]}`; the training augmentation is seeded by `(seed, counter)`.
+    """
+
+    @tf.function(input_signature=(tf.TensorSpec([], tf.int64), *signature))
+    def transform(seed, position, counter, payload, *label):
+        image = preprocess.decode_rgb(payload) if decode else payload
+        if training:
+            image = preprocess.train_transform(
+                image, image_size, tf.stack([seed, counter]), min_crop_scale
+            )
+        else:
+            image = preprocess.eval_transform(image, image_size)
+        out = {"position": position, "images": image}
+        if label:
+            out["labels"] = label[0]
+        return out
+
+    return transform
