@@ -622,15 +622,24 @@ def _prepare_workdir(config: RunConfig) -> Path:
 
     A workdir that already holds checkpoints of the stages this run would train is refused
     before anything is written, unless `--resume` (continue, reusing finished stages) or
-    `--overwrite` (remove the previous run first). Other stages' work (stage 1 when running
-    stage 2) is what this run builds on and is left alone.
+    `--overwrite` (start those stages afresh: `--stage=all` removes the previous run, a single
+    stage removes only its own checkpoints). Other stages' work (stage 1 when running stage 2)
+    is what this run builds on and is left alone.
     """
     import shutil
 
     workdir = Path(config.workdir)
-    if config.overwrite and workdir.exists():
+    if config.overwrite and workdir.exists() and config.stage == "all":
         print(f"--overwrite: removing the previous run in {workdir}")
         shutil.rmtree(workdir)
+    elif config.overwrite and workdir.exists():
+        directory = checkpoint.checkpoint_dir(workdir)
+        names = _stage_names(config)
+        print(f"--overwrite: removing the checkpoints of {', '.join(names)} in {workdir}")
+        for name in names:
+            for path in checkpoint.list_checkpoints(directory, name):
+                path.unlink()
+            checkpoint.finished_marker(workdir, name).unlink(missing_ok=True)
     elif not config.resume:
         directory = checkpoint.checkpoint_dir(workdir)
         used = [

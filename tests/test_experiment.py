@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mtkd_jax import checkpoint, experiment
 from mtkd_jax import config as config_lib
-from mtkd_jax import experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -180,6 +180,22 @@ def test_a_finished_workdir_is_not_overwritten_silently(finished_run):
     workdir, _ = finished_run
     with pytest.raises(FileExistsError, match="--resume.*--overwrite"):
         experiment.run(config_lib.demo_config(workdir=str(workdir), **SHRUNK_DEMO))
+
+
+def test_overwriting_one_stage_keeps_the_stages_it_builds_on(tmp_path):
+    settings = dict(teacher_prompt_length=0, teacher_prompt_depth=0, epochs=1)
+    experiment.run(smoke_config(tmp_path, stage="1", **settings))
+    experiment.run(smoke_config(tmp_path, stage="2", **settings))
+    stage1 = _weights(tmp_path / "student_stage1.weights.h5")
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        experiment.run(smoke_config(tmp_path, stage="2", **settings))
+
+    experiment.run(smoke_config(tmp_path, stage="2", overwrite=True, **settings))
+
+    assert checkpoint.is_finished(tmp_path, "stage1") and checkpoint.is_finished(tmp_path, "stage2")
+    kept = _weights(tmp_path / "student_stage1.weights.h5")
+    assert kept.keys() == stage1.keys()
+    assert all(np.array_equal(kept[name], stage1[name]) for name in stage1)
 
 
 def test_stage2_without_stage1_names_the_command(tmp_path):
