@@ -45,7 +45,7 @@ HELP = {
     "teacher_prompt_length": "Deep-prompt tokens per encoder of the teacher (0: plain CLIP).",
     "teacher_prompt_depth": "Layers of the teacher that carry deep prompts.",
     "student": "Student: clip:<CLIP source> (frozen CLIP image encoder with visual prompts), "
-    "keras_hub:<backbone preset>, or tiny_vit (the demo's). Default: CLIP ViT-B/16.",
+    "keras_hub:<backbone preset>, tiny_resnet (the demo's) or tiny_vit. Default: CLIP ViT-B/16.",
     "student_prompt_length": "Visual deep-prompt tokens of a CLIP student.",
     "student_prompt_depth": "Layers of a CLIP student that carry visual deep prompts.",
     "reduction": "Residual adapter bottleneck reduction (stage 2).",
@@ -62,9 +62,11 @@ HELP = {
     "weight_decay": "Weight decay (L2 on the trained variables).",
     "warmup_epochs": "Epochs at the constant warm-up learning rate before the cosine schedule.",
     "warmup_lr": "The constant warm-up learning rate.",
-    "epochs": "Epochs of every stage unless --teacher_epochs/--adapter_epochs say otherwise.",
+    "epochs": "Epochs of every stage and baseline unless --teacher_epochs, --adapter_epochs or "
+    "--supervised_epochs say otherwise.",
     "teacher_epochs": "Epochs of stage 0 (0: --epochs).",
     "adapter_epochs": "Epochs of stage 2 (0: --epochs).",
+    "supervised_epochs": "Epochs of the supervised K-shot baseline (0: --epochs).",
     "batch_size": "Global training batch size, split over all devices (must divide evenly).",
     "eval_batch_size": "Global evaluation batch size (the last batch is padded and masked).",
     "temperatures": "Distillation temperatures, summed over (the paper's: 1,2,3,5,6).",

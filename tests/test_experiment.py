@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import h5py
+import keras_hub
 import numpy as np
 import pytest
 from PIL import Image
@@ -35,9 +36,11 @@ def smoke_config(workdir, **overrides):
     return config_lib.demo_config(**settings)
 
 
-# The default demo shrunk for CI: fewer epochs per stage (3 instead of 6 for distillation),
-# the supervised baseline kept. At these settings the ordering below still holds with a wide
-# margin (measured: student_stage2 25.0 vs student_supervised 8.3 on all classes).
+# The default demo shrunk for CI: fewer epochs for the distilling and prompt-tuning stages (3
+# distillation epochs instead of 4) and only the supervised baseline, which keeps its full 100
+# epochs (a weaker baseline would make the test easier). At these settings the orderings below
+# still hold with a wide margin (measured: student_stage2 38.8 vs student_supervised 16.8 on all
+# classes, 88% of the teacher's 43.9).
 SHRUNK_DEMO = dict(epochs=3, teacher_epochs=2, adapter_epochs=10, baselines=("supervised",))
 
 
@@ -55,7 +58,27 @@ def test_distillation_beats_the_same_student_trained_on_the_shots(finished_run):
     stage2, supervised = methods["student_stage2"], methods["student_supervised"]
     assert stage2["all"] >= supervised["all"] + 0.10, (stage2, supervised)
     assert stage2["novel"] > supervised["novel"] and stage2["base"] > supervised["base"]
-    assert methods["teacher"]["all"] > stage2["all"]
+
+
+def test_distilled_student_reaches_most_of_the_teacher(finished_run):
+    """Stage 2 reaches at least 80% of the teacher's all-class accuracy, without passing it."""
+    _, results = finished_run
+    methods = results["methods"]
+    teacher, stage2 = methods["teacher"]["all"], methods["student_stage2"]["all"]
+    assert 0.8 * teacher <= stage2 < teacher, (stage2, teacher)
+    assert methods["student_stage1"]["all"] >= 0.8 * teacher
+
+
+def test_demo_student_has_at_least_five_times_fewer_image_flops_than_the_teacher():
+    from mtkd_jax.shapes_clip import load_shapes_clip
+    from mtkd_jax.student import backbone_student, measured_flops
+
+    teacher = load_shapes_clip(prompt_length=4, prompt_depth=3)
+    image_shape = (teacher.config.image_size,) * 2 + (3,)
+    backbone = keras_hub.models.ResNetBackbone(**experiment.TINY_RESNET, image_shape=image_shape)
+    student = backbone_student(backbone, teacher.config.embed_dim)
+    ratio = measured_flops(teacher.visual, image_shape) / measured_flops(student, image_shape)
+    assert ratio >= 5.0, ratio
 
 
 def _weights(path):

@@ -112,9 +112,11 @@ def test_no_stage2_ablation_stops_after_stage_1(monkeypatch):
 def test_demo_and_smoke_run_offline_on_shapes(monkeypatch):
     demo = _config(REPO / "flags" / "demo.flags", monkeypatch)
     smoke = _config(REPO / "flags" / "smoke.flags", monkeypatch)
-    for config in (demo, smoke):
-        assert (config.dataset, config.teacher, config.student) == ("shapes", "shapes", "tiny_vit")
+    assert (demo.dataset, demo.teacher, demo.student) == ("shapes", "shapes", "tiny_resnet")
+    # The smoke run keeps the CLIP-student path (a ViT with the paper's kind of student).
+    assert (smoke.dataset, smoke.teacher, smoke.student) == ("shapes", "shapes", "tiny_vit")
     assert smoke.epochs_for("0") == smoke.epochs_for("1") == smoke.epochs_for("2") == 1
+    assert demo.epochs_for("supervised") == 100 and smoke.epochs_for("supervised") == 1
 
 
 def test_demo_flags_are_the_run_without_flags(monkeypatch):
