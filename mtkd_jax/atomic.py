@@ -14,10 +14,14 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def replacing(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
+def replacing(
+    path: str | os.PathLike, suffix: str = ".tmp", *, durable: bool = False
+) -> Iterator[Path]:
     """Yields a temporary path beside `path`; renames it over `path` when the block succeeds.
 
     `suffix` lets writers that insist on an extension (`.npz`, `.weights.h5`, `.keras`) keep it.
+    `durable=True` also flushes the file and the rename to disk (`fsync`) before returning, for
+    what must survive a power cut (checkpoints and their markers).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -25,14 +29,40 @@ def replacing(path: str | os.PathLike, suffix: str = ".tmp") -> Iterator[Path]:
     os.close(descriptor)
     try:
         yield Path(tmp)
+        if durable:
+            _fsync(tmp, os.O_RDONLY)
         os.replace(tmp, path)
+        if durable:
+            _fsync(path.parent, os.O_RDONLY)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def write_json(path: str | os.PathLike, payload, *, indent: int = 2) -> None:
-    """Writes `payload` as JSON to `path`, atomically."""
-    with replacing(path) as tmp, open(tmp, "w", encoding="utf-8") as file:
-        json.dump(payload, file, indent=indent)
+def _fsync(path: str | os.PathLike, flags: int) -> None:
+    """fsync of a file or folder; a no-op where the system cannot open or sync it."""
+    try:
+        descriptor = os.open(path, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+def write_json(
+    path: str | os.PathLike, payload, *, indent: int | None = 2, durable: bool = False, **dump
+) -> None:
+    """Writes `payload` as JSON to `path`, atomically (`dump`: more `json.dump` arguments)."""
+    with replacing(path, durable=durable) as tmp, open(tmp, "w", encoding="utf-8") as file:
+        json.dump(payload, file, indent=indent, **dump)
         file.write("\n")
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Writes `text` (UTF-8) to `path`, atomically."""
+    with replacing(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")

@@ -9,8 +9,9 @@ A checkpoint is ONE `.npz` file (numpy's zip of `.npy` arrays, read back with
 
 Files are named `ckpt-<stage>-<step, 9 digits>.npz` in the checkpoint directory
 (`<workdir>/checkpoints`). Saving writes a hidden temporary file in the same directory, fsyncs it
-and renames it over the final name (`os.replace`, atomic on POSIX), so a crash mid-write leaves
-the previous checkpoint as the latest and no partial file under a checkpoint name.
+and renames it over the final name (`mtkd_jax.atomic.replacing(..., durable=True)`), so a crash
+mid-write leaves the previous checkpoint as the latest and no partial file under a checkpoint
+name.
 
 A stage that ends writes a marker `<stage>.finished.json` next to its checkpoints;
 `guard_workdir` uses the markers and checkpoints to refuse silently reusing a workdir.
@@ -22,7 +23,6 @@ import contextlib
 import json
 import os
 import re
-import tempfile
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -30,6 +30,8 @@ from typing import Any
 
 import jax
 import numpy as np
+
+from mtkd_jax import atomic
 
 CHECKPOINT_SUBDIR = "checkpoints"
 FORMAT_VERSION = 1
@@ -113,18 +115,9 @@ def save(
     arrays[_METADATA_KEY] = np.frombuffer(encoded, dtype=np.uint8)
 
     final_path = directory / checkpoint_name(stage, step)
-    descriptor, temporary = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(descriptor, "wb") as file:
+    with atomic.replacing(final_path, suffix=".npz", durable=True) as temporary:
+        with open(temporary, "wb") as file:
             np.savez(file, allow_pickle=False, **arrays)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, final_path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-    _fsync_directory(directory)
     if keep is not None:
         for old in list_checkpoints(directory, stage)[:-keep]:
             with contextlib.suppress(FileNotFoundError):
@@ -212,18 +205,7 @@ def finished_marker(workdir: str | os.PathLike, stage: str) -> Path:
 def mark_finished(workdir: str | os.PathLike, stage: str, info: Mapping[str, Any]) -> Path:
     """Writes (atomically) the marker that `stage` finished, with `info` (JSON) in it."""
     marker = finished_marker(workdir, stage)
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temporary = tempfile.mkstemp(dir=marker.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(descriptor, "w") as file:
-            json.dump(dict(info, stage=stage), file, sort_keys=True)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, marker)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
+    atomic.write_json(marker, dict(info, stage=stage), indent=None, durable=True, sort_keys=True)
     return marker
 
 
@@ -348,17 +330,3 @@ def _metadata_of(archive, path) -> dict[str, Any]:
         raise CheckpointError(
             f"The metadata of {str(path)!r} is not valid JSON ({error})."
         ) from None
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Makes the rename durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        descriptor = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)

@@ -19,9 +19,9 @@ This module imports neither Keras nor TensorFlow; matplotlib is imported by `plo
 
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+
+from mtkd_jax import atomic
 
 METRICS = ("base", "novel", "hm", "all")
 METRIC_TITLES = {"base": "Base", "novel": "Novel", "hm": "HM", "all": "All"}
@@ -178,17 +178,8 @@ def plot_results(results: Mapping, path: str | os.PathLike):
     if names:
         axes.legend(loc="lower right", fontsize="small")
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as stream:
-            figure.savefig(stream, format="png", dpi=100)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    with atomic.replacing(path) as temporary, open(temporary, "wb") as stream:
+        figure.savefig(stream, format="png", dpi=100)
     return figure
 
 

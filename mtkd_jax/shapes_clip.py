@@ -36,6 +36,7 @@ import optax  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 import mtkd_jax  # noqa: F401  (sets KERAS_BACKEND=jax before Keras is imported)
+from mtkd_jax import atomic  # noqa: E402
 from mtkd_jax.clip.config import CLIPConfig  # noqa: E402
 from mtkd_jax.clip.load import TEXT_PROMPT_INIT  # noqa: E402
 from mtkd_jax.clip.model import CLIP  # noqa: E402
@@ -279,15 +280,13 @@ def save_shapes_clip(
     full_config = config.replace(vocab_size=SHAPES_CLIP_CONFIG.vocab_size)
     arrays = {v.path: np.asarray(v.value).astype(dtype) for v in model.weights}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp.npz")
-    np.savez(
-        temporary,
-        config=np.array(json.dumps(full_config.to_dict())),
-        vocab_ids=np.asarray(vocab_ids, np.int32),
-        **{f"weight:{key}": value for key, value in arrays.items()},
-    )
-    os.replace(temporary, path)
+    with atomic.replacing(path, suffix=".npz") as temporary:
+        np.savez(
+            temporary,
+            config=np.array(json.dumps(full_config.to_dict())),
+            vocab_ids=np.asarray(vocab_ids, np.int32),
+            **{f"weight:{key}": value for key, value in arrays.items()},
+        )
     return path
 
 

@@ -35,7 +35,7 @@ from pathlib import Path
 from absl import app, flags
 from tqdm import tqdm
 
-from mtkd_jax import report
+from mtkd_jax import atomic, report
 
 RESULTS_FILE = "results.json"
 LOG_FILE = "log.txt"
@@ -253,11 +253,7 @@ def summarize(
         "mean ± sample std over seeds."
     )
     text = f"{caption}\n\n{table}\n"
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temporary = output.with_name(f".{output.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, output)
+    atomic.write_text(output, text)
     return text
 
 

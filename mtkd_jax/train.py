@@ -41,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from mtkd_jax import checkpoint
+from mtkd_jax import atomic, checkpoint
 
 DATA_AXIS = "data"
 METRICS_FILE = "metrics.jsonl"
@@ -457,9 +457,7 @@ class _MetricsLog:
             record = json.loads(line)
             if not (record.get("stage") == self.stage and record.get("step", 0) > step):
                 kept.append(line)
-        temporary = self.path.with_name(f".tmp-{self.path.name}")
-        temporary.write_text("".join(line + "\n" for line in kept))
-        os.replace(temporary, self.path)
+        atomic.write_text(self.path, "".join(line + "\n" for line in kept))
 
     def close(self) -> None:
         if self._writer is not None:

@@ -24,3 +24,32 @@ def test_a_finished_write_replaces_the_file_and_keeps_the_suffix(tmp_path):
         tmp.write_bytes(b"new")
     assert path.read_bytes() == b"new"
     assert [p.name for p in path.parent.iterdir()] == ["student.keras"]
+
+
+@pytest.mark.parametrize("durable", [False, True])
+def test_durable_writes_sync_the_file_and_its_folder(tmp_path, monkeypatch, durable):
+    synced = []
+    real_fsync = atomic.os.fsync
+
+    def recording_fsync(descriptor):
+        synced.append(atomic.os.readlink(f"/proc/self/fd/{descriptor}"))
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(atomic.os, "fsync", recording_fsync)
+    path = tmp_path / "ckpt.npz"
+    with atomic.replacing(path, suffix=".npz", durable=durable) as tmp:
+        tmp.write_bytes(b"data")
+    assert path.read_bytes() == b"data"
+    if durable:
+        assert len(synced) == 2
+        assert synced[0].endswith(".npz") and synced[0] != str(path)  # the file, before renaming
+        assert synced[1] == str(tmp_path)  # then the folder, which makes the rename durable
+    else:
+        assert synced == []
+
+
+def test_write_text_and_compact_sorted_json(tmp_path):
+    atomic.write_text(tmp_path / "table.md", "| a |\n")
+    atomic.write_json(tmp_path / "marker.json", {"b": 1, "a": 2}, indent=None, sort_keys=True)
+    assert (tmp_path / "table.md").read_text() == "| a |\n"
+    assert (tmp_path / "marker.json").read_text() == '{"a": 2, "b": 1}\n'
