@@ -24,13 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
 import jax  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from step_timing import time_train_step  # noqa: E402
 
 from mtkd_jax import stages, train  # noqa: E402
 from mtkd_jax.clip import CLIP, CLIPConfig  # noqa: E402
@@ -89,18 +89,7 @@ def time_step(args, dtype: str, images: np.ndarray, text: np.ndarray) -> dict:
     step = train.make_train_step(loss_fn, optimizer, mesh, frozen=frozen)
     batch = train.shard_batch({"images": images}, mesh)
 
-    start = time.perf_counter()
-    state, measurements = step(state, batch)
-    first_loss = float(measurements["loss"])
-    compile_s = time.perf_counter() - start
-    state, measurements = step(state, batch)  # one more un-timed step
-    jax.block_until_ready(measurements)
-
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        state, measurements = step(state, batch)
-    jax.block_until_ready(measurements)
-    elapsed = time.perf_counter() - start
+    timing = time_train_step(step, state, batch, args.steps)
     stats = jax.devices()[0].memory_stats() or {}
     return {
         "dtype": dtype,
@@ -111,11 +100,11 @@ def time_step(args, dtype: str, images: np.ndarray, text: np.ndarray) -> dict:
         "student": args.student,
         "batch_size": args.batch_size,
         "image_size": args.image_size,
-        "compile_s": round(compile_s, 2),
-        "steps_per_s": round(args.steps / elapsed, 3),
-        "images_per_s": round(args.steps * args.batch_size / elapsed, 1),
-        "first_loss": first_loss,
-        "final_loss": float(measurements["loss"]),
+        "compile_s": round(timing.compile_s, 2),
+        "steps_per_s": round(timing.steps_per_s, 3),
+        "images_per_s": round(timing.steps_per_s * args.batch_size, 1),
+        "first_loss": float(timing.first_measurements["loss"]),
+        "final_loss": float(timing.last_measurements["loss"]),
         "trace_count": step.trace_count,
         # The process's peak so far (earlier precisions included), where the device reports it.
         "peak_device_gib_so_far": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),

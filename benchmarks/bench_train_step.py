@@ -18,7 +18,6 @@ steps/s, images/s and trace count (must be 1).
 import argparse
 import json
 import os
-import time
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 
@@ -26,6 +25,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from step_timing import time_train_step  # noqa: E402
 
 from mtkd_jax import train  # noqa: E402
 from mtkd_jax.losses import multilevel_kd  # noqa: E402
@@ -84,18 +84,7 @@ def main() -> None:
     shape = (args.batch_size, args.image_size, args.image_size, 3)
     batch = train.shard_batch({"images": rng.normal(size=shape).astype(np.float32)}, mesh)
 
-    start = time.perf_counter()
-    state, measurements = step(state, batch)
-    jax.block_until_ready(measurements)
-    compile_s = time.perf_counter() - start
-    state, measurements = step(state, batch)  # one more un-timed step
-    jax.block_until_ready(measurements)
-
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        state, measurements = step(state, batch)
-    jax.block_until_ready(measurements)
-    elapsed = time.perf_counter() - start
+    timing = time_train_step(step, state, batch, args.steps)
 
     print(
         json.dumps(
@@ -105,11 +94,11 @@ def main() -> None:
                 "batch_size": args.batch_size,
                 "image_size": args.image_size,
                 "dtype": args.dtype,
-                "compile_s": round(compile_s, 3),
-                "steps_per_s": round(args.steps / elapsed, 2),
-                "images_per_s": round(args.steps * args.batch_size / elapsed, 1),
+                "compile_s": round(timing.compile_s, 3),
+                "steps_per_s": round(timing.steps_per_s, 2),
+                "images_per_s": round(timing.steps_per_s * args.batch_size, 1),
                 "trace_count": step.trace_count,
-                "final_loss": float(measurements["loss"]),
+                "final_loss": float(timing.last_measurements["loss"]),
             }
         )
     )
