@@ -16,6 +16,9 @@ PAPER_TEACHER = "keras_hub:clip_vit_large_patch14"
 PAPER_STUDENT = "clip:keras_hub:clip_vit_base_patch16"
 DEMO_TEACHER = "shapes"
 DEMO_STUDENT = "tiny_resnet"
+EMBEDDED_STUDENTS = ("tiny_resnet", "tiny_vit")  # built with random weights, trained whole
+STUDENT_PREFIXES = ("clip:", "keras_hub:")
+STUDENT_KINDS = (*EMBEDDED_STUDENTS, "clip:<CLIP source>", "keras_hub:<image backbone preset>")
 
 
 @dataclasses.dataclass
@@ -116,6 +119,12 @@ class RunConfig:
                 raise ValueError(
                     f"--{name} must be >= 0 (0: --epochs). Received {getattr(self, name)}."
                 )
+        if self.student and not (
+            self.student in EMBEDDED_STUDENTS or self.student.startswith(STUDENT_PREFIXES)
+        ):
+            raise ValueError(
+                f"Unknown --student={self.student!r}. Valid kinds: {', '.join(STUDENT_KINDS)}."
+            )
         if self.data_threads < 0:
             raise ValueError(f"--data_threads must be >= 0. Received {self.data_threads}.")
         if not 0.0 < self.min_crop_scale <= 1.0:

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from mtkd_jax import atomic, checkpoint, report, stages
-from mtkd_jax.config import RunConfig
+from mtkd_jax.config import STUDENT_KINDS, RunConfig
 
 logger = logging.getLogger(__name__)
 
@@ -465,12 +465,6 @@ TINY_VIT = {
     "embed_dim": 64, "image_size": 32, "patch_size": 4, "vision_width": 64, "vision_layers": 2,
     "vision_heads": 2, "text_width": 64, "text_layers": 1, "text_heads": 2,
 }  # fmt: skip
-STUDENT_KINDS = (
-    "tiny_resnet",
-    "tiny_vit",
-    "clip:<CLIP source>",
-    "keras_hub:<image backbone preset>",
-)
 
 
 def build_student(ctx: Context, *, adapter: bool):
@@ -569,7 +563,7 @@ def run_distillation_stage(ctx: Context, stage: str, loss_weights) -> object:
     return student
 
 
-def run_classification_stage(ctx: Context, stage: str, student) -> object:
+def run_classification_stage(ctx: Context, stage: str, student, *, epochs: int) -> object:
     """Cross-entropy on the K-shot labeled images of the trained classes (stage 2, baseline)."""
     import jax.numpy as jnp
 
@@ -582,16 +576,7 @@ def run_classification_stage(ctx: Context, stage: str, student) -> object:
         "label_map": jnp.asarray(ctx.label_map()),
     }
     loss_fn = stages.classification_loss(student)
-    fit_stage(
-        ctx,
-        stage,
-        student,
-        loss_fn,
-        frozen,
-        split,
-        labeled=True,
-        epochs=config.epochs_for("supervised" if stage == "supervised" else "2"),
-    )
+    fit_stage(ctx, stage, student, loss_fn, frozen, split, labeled=True, epochs=epochs)
     save_weights_atomic(student, ctx.workdir / f"student_{stage}.weights.h5")
     return student
 
@@ -615,7 +600,7 @@ def run_adapter_stage(ctx: Context):
     """Stage 2: freeze the stage-1 student, switch on its residual adapter, train only that."""
     student = build_student(ctx, adapter=True)
     student.load_weights(str(stage1_weights(ctx)))
-    return run_classification_stage(ctx, "stage2", student)
+    return run_classification_stage(ctx, "stage2", student, epochs=ctx.config.epochs_for("2"))
 
 
 def _supervised_student(ctx: Context):
@@ -838,7 +823,9 @@ def run(config: RunConfig) -> dict:
         if config.export:
             export_student(ctx, student)
         if "supervised" in config.baselines:
-            baseline = run_classification_stage(ctx, "supervised", _supervised_student(ctx))
+            baseline = run_classification_stage(
+                ctx, "supervised", _supervised_student(ctx), epochs=config.epochs_for("supervised")
+            )
             evaluate_method(ctx, "student_supervised", student_logits_fn(ctx, baseline),
                             train.model_variables(baseline))  # fmt: skip
     finish(ctx)

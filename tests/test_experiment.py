@@ -69,6 +69,22 @@ def test_distilled_student_reaches_most_of_the_teacher(finished_run):
     assert methods["student_stage1"]["all"] >= 0.8 * teacher
 
 
+def test_each_stage_and_the_baseline_train_for_their_own_epochs(finished_run):
+    workdir, _ = finished_run
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    last_epoch = {}
+    for record in records:
+        last_epoch[record["stage"]] = max(last_epoch.get(record["stage"], -1), record["epoch"])
+    demo = config_lib.demo_config(**SHRUNK_DEMO)
+    assert last_epoch == {
+        "stage0": demo.epochs_for("0") - 1,
+        "stage1": demo.epochs_for("1") - 1,
+        "stage2": demo.epochs_for("2") - 1,
+        "supervised": demo.epochs_for("supervised") - 1,
+    }
+    assert last_epoch["supervised"] == 99  # the demo's full baseline, not shrunk
+
+
 def test_demo_student_has_at_least_five_times_fewer_image_flops_than_the_teacher():
     from mtkd_jax.shapes_clip import load_shapes_clip
     from mtkd_jax.student import backbone_student, measured_flops
