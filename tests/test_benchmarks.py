@@ -1,0 +1,43 @@
+"""The step benchmarks still run, and what they print holds together (tiny sizes, CPU)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _json_lines(script, *args):
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return [json.loads(line) for line in completed.stdout.splitlines() if line.startswith("{")]
+
+
+def test_stage1_benchmark_compares_precisions_and_attention_in_one_process():
+    lines = _json_lines(
+        "bench_stage1.py", "--teacher=tiny-teacher", "--student=tiny-student",
+        "--teacher_prompt_depth=3", "--student_prompt_depth=2", "--image_size=32",
+        "--batch_size=8", "--steps=1", "--dtypes=float32,bfloat16,bfloat16:xla",
+    )  # fmt: skip
+    runs, (attention_ratio, precision_ratio) = lines[:3], lines[3:]
+    assert [(r["dtype"], r["attention"]) for r in runs] == [
+        ("float32", "keras"), ("bfloat16", "keras"), ("bfloat16", "xla"),
+    ]  # fmt: skip
+    assert all(r["trace_count"] == 1 and r["steps_per_s"] > 0 for r in runs)
+    # Same weights and batch: bfloat16 moves the first loss by well under 1%, and the attention
+    # implementation (the same math) gives the same bfloat16 loss on a CPU.
+    assert precision_ratio["first_loss_relative_difference"] < 1e-2
+    assert runs[1]["first_loss"] == runs[2]["first_loss"]
+    assert attention_ratio["keras_over_xla_attention_bfloat16"] > 0
+
+
+def test_train_step_benchmark_traces_once():
+    (line,) = _json_lines("bench_train_step.py", "--steps=2", "--batch_size=8", "--image_size=32")
+    assert line["trace_count"] == 1 and line["images_per_s"] > 0
