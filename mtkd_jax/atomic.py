@@ -30,19 +30,19 @@ def replacing(
     try:
         yield Path(tmp)
         if durable:
-            _fsync(tmp, os.O_RDONLY)
+            _fsync(tmp)
         os.replace(tmp, path)
         if durable:
-            _fsync(path.parent, os.O_RDONLY)
+            _fsync(path.parent)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
 
 
-def _fsync(path: str | os.PathLike, flags: int) -> None:
+def _fsync(path: str | os.PathLike) -> None:
     """fsync of a file or folder; a no-op where the system cannot open or sync it."""
     try:
-        descriptor = os.open(path, flags)
+        descriptor = os.open(path, os.O_RDONLY)
     except OSError:
         return
     try:

@@ -327,3 +327,19 @@ def test_relation_matrices_are_multiplied_in_full_float32(level):
     assert len(dots) == 2
     highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
     assert all(eqn.params["precision"] == highest for eqn in dots), [e.params for e in dots]
+
+
+def test_class_logits_are_full_float32_scaled_cosines():
+    from mtkd_jax.stages import class_logits
+
+    rng = np.random.default_rng(3)
+    image = rng.normal(size=(4, 8)).astype(np.float32)
+    text = rng.normal(size=(5, 8)).astype(np.float32)
+    scale = np.float32(np.log(100.0))
+    jaxpr = jax.make_jaxpr(class_logits)(image, text, scale).jaxpr
+    (dot,) = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "dot_general"]
+    assert dot.params["precision"] == (jax.lax.Precision.HIGHEST,) * 2
+    cosines = (image / np.linalg.norm(image, axis=1, keepdims=True)) @ (
+        text / np.linalg.norm(text, axis=1, keepdims=True)
+    ).T
+    np.testing.assert_allclose(class_logits(image, text, scale), 100.0 * cosines, rtol=1e-5)
