@@ -280,6 +280,68 @@ def test_hf_directory_matches_transformers(hf):
         close(actual, expected)
 
 
+def odd_sized_hf_clip(tmp_path, layer_norm_eps=1e-6, activation="gelu"):
+    """A random CLIP whose sizes no OpenAI model has: MLP 3 × width (vision) and 2 × width
+    (text), a LayerNorm epsilon of `layer_norm_eps`, exact GELU by default (LAION's ViT-bigG/14
+    has MLP 8192 at width 1664)."""
+    common = dict(
+        hidden_size=WIDTH, num_hidden_layers=LAYERS, num_attention_heads=HEADS,
+        layer_norm_eps=layer_norm_eps, hidden_act=activation,
+    )  # fmt: skip
+    config = transformers.CLIPConfig(
+        vision_config=dict(
+            intermediate_size=3 * WIDTH, image_size=IMAGE, patch_size=PATCH, **common
+        ),
+        text_config=dict(
+            intermediate_size=2 * WIDTH, vocab_size=VOCAB, max_position_embeddings=77,
+            eos_token_id=EOT, bos_token_id=SOT, pad_token_id=0, **common,
+        ),
+        projection_dim=EMBED,
+    )  # fmt: skip
+    torch.manual_seed(1)
+    model = transformers.CLIPModel(config).eval()
+    randomise(model, seed=3)
+    directory = str(tmp_path / "odd_clip")
+    model.save_pretrained(directory)
+    return directory, model
+
+
+def test_clip_with_other_mlp_sizes_and_epsilon_matches_transformers(tmp_path):
+    """MLP sizes and LayerNorm epsilon come from the checkpoint, not from OpenAI's layout; the
+    converted copy keeps them."""
+    from mtkd_jax.clip.load import save
+
+    directory, reference = odd_sized_hf_clip(tmp_path)
+    clip = load(directory)
+    config = clip.config
+    assert (config.vision_mlp_size, config.text_mlp_size) == (3 * WIDTH, 2 * WIDTH)
+    assert (config.layer_norm_eps, config.activation) == (1e-6, "gelu")
+    images, ids = inputs()
+    expected = hf_outputs(reference, images, ids)
+    for actual, wanted in zip(our_outputs(clip, images, ids), expected, strict=True):
+        close(actual, wanted)
+    save(clip, str(tmp_path / "converted"))
+    again = load(str(tmp_path / "converted"))
+    assert again.config == config
+    for actual, wanted in zip(our_outputs(again, images, ids), expected, strict=True):
+        close(actual, wanted)
+
+
+def test_openai_layout_with_other_mlp_sizes_loads_them(tmp_path):
+    """The OpenAI layout carries no sizes in a config: the MLP sizes are read off the weights."""
+    _, model = odd_sized_hf_clip(tmp_path, layer_norm_eps=1e-5, activation="quick_gelu")
+    state = {k: v.float() for k, v in hf_to_openai(model.state_dict()).items()}
+    path = str(tmp_path / "odd.pt")
+    torch.save(state, path)
+    clip = load(path)
+    assert (clip.config.vision_mlp_size, clip.config.text_mlp_size) == (3 * WIDTH, 2 * WIDTH)
+    images, ids = inputs()
+    hf_image, hf_text, _ = hf_outputs(model, images, ids)
+    image, text, _ = our_outputs(clip, images, ids)
+    close(image, hf_image)
+    close(text, hf_text)
+
+
 def test_independent_reference_matches_transformers(hf):
     """The torch reference used for prompts is itself checked against transformers."""
     _, model = hf

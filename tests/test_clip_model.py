@@ -1,5 +1,8 @@
 """The Keras CLIP model: configs, real architecture sizes, prompts plumbing, class prompts."""
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -149,3 +152,20 @@ def test_flash_attention_fallback_tracebacks_become_one_warning(caplog):
     warnings = [m for m in messages if "refused some attention shapes" in m]
     assert len(warnings) == 1 and "Q 201" in warnings[0]
     assert "an unrelated error" in messages
+
+
+def test_clip_config_tokenizer_and_loaders_import_no_keras():
+    """Reasoning about a checkpoint (config, tokenizer, loader functions) needs no Keras; the
+    model is imported on first use."""
+    script = (
+        "import sys\n"
+        "import mtkd_jax.clip.config, mtkd_jax.clip.tokenizer\n"
+        "from mtkd_jax.clip import CLIPConfig, load, save\n"
+        "assert callable(load) and callable(save), (load, save)\n"
+        "loaded = sorted({'keras', 'keras_hub', 'tensorflow'} & set(sys.modules))\n"
+        "assert not loaded, loaded\n"
+        "from mtkd_jax.clip import CLIP\n"
+        "assert 'keras' in sys.modules and CLIP.__module__ == 'mtkd_jax.clip.model'\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

@@ -17,7 +17,9 @@ ACTIVATIONS = ("quick_gelu", "gelu")
 class CLIPConfig:
     """Architecture of a CLIP model (OpenAI layout) and of its optional deep prompts.
 
-    Heads split the width evenly; the MLP hidden size is 4 × width, as in every OpenAI model.
+    Heads split the width evenly. The MLP hidden size is 4 × width unless `vision_mlp_dim` /
+    `text_mlp_dim` say otherwise (0: 4 × width, as in every OpenAI model; LAION's ViT-bigG/14 has
+    width 1664 and MLP 8192), and every LayerNorm uses `layer_norm_eps` (OpenAI's 1e-5).
     Prompt lengths and depths of 0 give plain CLIP; the paper uses length 4 and depth 9 on both
     encoders. A depth `d` means: the tokens of prompt 0 enter before the first layer and layers
     `1 … d-1` each replace them with their own learnable tokens.
@@ -35,6 +37,9 @@ class CLIPConfig:
     vocab_size: int = 49408
     context_length: int = 77
     activation: str = "quick_gelu"
+    vision_mlp_dim: int = 0
+    text_mlp_dim: int = 0
+    layer_norm_eps: float = 1e-5
     vision_prompt_length: int = 0
     vision_prompt_depth: int = 0
     text_prompt_length: int = 0
@@ -74,6 +79,18 @@ class CLIPConfig:
                     f"{tower}_width must be divisible by {tower}_heads. "
                     f"Received: {tower}_width={width}, {tower}_heads={heads}"
                 )
+        for field in ("vision_mlp_dim", "text_mlp_dim"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(
+                    f"CLIPConfig.{field} must be an int >= 0 (0: 4 × width). "
+                    f"Received: {field}={value!r}"
+                )
+        if not 0 < self.layer_norm_eps < 1:
+            raise ValueError(
+                "CLIPConfig.layer_norm_eps must be in (0, 1). "
+                f"Received: layer_norm_eps={self.layer_norm_eps!r}"
+            )
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"activation must be one of {ACTIVATIONS}. Received: activation={self.activation!r}"
@@ -97,6 +114,16 @@ class CLIPConfig:
     @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def vision_mlp_size(self) -> int:
+        """Hidden size of the vision MLPs (`vision_mlp_dim`, or 4 × width when it is 0)."""
+        return self.vision_mlp_dim or 4 * self.vision_width
+
+    @property
+    def text_mlp_size(self) -> int:
+        """Hidden size of the text MLPs (`text_mlp_dim`, or 4 × width when it is 0)."""
+        return self.text_mlp_dim or 4 * self.text_width
 
     def replace(self, **changes: Any) -> CLIPConfig:
         """A copy with some fields changed (validated again)."""
@@ -175,6 +202,6 @@ def image_encoder_flops(config: CLIPConfig) -> int:
     tokens = patches + 1 + config.vision_prompt_length
     patch_embed = patches * (3 * config.patch_size**2) * width
     attention = 4 * tokens * width * width + 2 * tokens * tokens * width
-    mlp = 2 * tokens * width * 4 * width
+    mlp = 2 * tokens * width * config.vision_mlp_size
     projection = width * config.embed_dim
     return 2 * (patch_embed + config.vision_layers * (attention + mlp) + projection)

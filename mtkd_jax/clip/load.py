@@ -479,6 +479,9 @@ def openai_config(tensors: Mapping[str, np.ndarray]) -> CLIPConfig:
         pattern = re.compile(re.escape(prefix) + r"(\d+)\.")
         return len({m.group(1) for name in tensors if (m := pattern.match(name))})
 
+    def mlp_dim(name):  # 0 (4 × width) when absent: the strict port then lists what is missing
+        return int(tensors[name].shape[0]) if name in tensors else 0
+
     return CLIPConfig(
         embed_dim=int(tensors["text_projection"].shape[1]),
         image_size=int(patch_size * grid),
@@ -491,6 +494,8 @@ def openai_config(tensors: Mapping[str, np.ndarray]) -> CLIPConfig:
         text_heads=int(text_width) // 64,
         vocab_size=int(tensors["token_embedding.weight"].shape[0]),
         context_length=int(tensors["positional_embedding"].shape[0]),
+        vision_mlp_dim=mlp_dim("visual.transformer.resblocks.0.mlp.c_fc.weight"),
+        text_mlp_dim=mlp_dim("transformer.resblocks.0.mlp.c_fc.weight"),
     )
 
 
@@ -502,18 +507,12 @@ def hf_config(values: Mapping[str, Any], path: str) -> CLIPConfig:
             f"Received: model_type={values.get('model_type')!r} in {path!r}"
         )
     vision, text = values.get("vision_config", {}), values.get("text_config", {})
-    for tower, sub in (("vision", vision), ("text", text)):
-        width = sub.get("hidden_size", 768 if tower == "vision" else 512)
-        if (
-            sub.get("intermediate_size", 4 * width) != 4 * width
-            or sub.get("layer_norm_eps", 1e-5) != 1e-5
-        ):
-            raise ValueError(
-                f"Only OpenAI-style CLIP is supported (MLP size 4 × width, LayerNorm eps 1e-5). "
-                f"Received: {tower} hidden_size={width}, "
-                f"intermediate_size={sub.get('intermediate_size')}, "
-                f"layer_norm_eps={sub.get('layer_norm_eps')} in {path!r}"
-            )
+    epsilons = {vision.get("layer_norm_eps", 1e-5), text.get("layer_norm_eps", 1e-5)}
+    if len(epsilons) != 1:
+        raise ValueError(
+            f"Both towers must use the same LayerNorm epsilon. Received: vision "
+            f"{vision.get('layer_norm_eps')}, text {text.get('layer_norm_eps')} in {path!r}"
+        )
     activations = {vision.get("hidden_act", "quick_gelu"), text.get("hidden_act", "quick_gelu")}
     if len(activations) != 1:
         raise ValueError(
@@ -532,6 +531,9 @@ def hf_config(values: Mapping[str, Any], path: str) -> CLIPConfig:
         vocab_size=text.get("vocab_size", 49408),
         context_length=text.get("max_position_embeddings", 77),
         activation=activations.pop(),
+        vision_mlp_dim=vision.get("intermediate_size", 3072),
+        text_mlp_dim=text.get("intermediate_size", 2048),
+        layer_norm_eps=float(epsilons.pop()),
     )
 
 
@@ -627,6 +629,8 @@ def _read_keras_hub_preset(preset: str) -> BaseCheckpoint:
         vocab_size=text.vocabulary_size,
         context_length=text.max_sequence_length,
         activation=vision.intermediate_activation,
+        vision_mlp_dim=vision.intermediate_dim,
+        text_mlp_dim=text.intermediate_dim,
     )
     return BaseCheckpoint(
         config=config,

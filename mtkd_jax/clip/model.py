@@ -1,7 +1,8 @@
 """CLIP (OpenAI architecture) as a Keras 3 model, with optional deep prompts (IVLP).
 
-The transformer blocks are keras-hub's `CLIPEncoderLayer` (pre-LayerNorm, eps 1e-5, multi-head
-attention, quick-GELU MLP of 4 × width): the same math as OpenAI's `ResidualAttentionBlock`. What
+The transformer blocks are keras-hub's `CLIPEncoderLayer` (pre-LayerNorm, multi-head attention,
+an MLP of `CLIPConfig.vision_mlp_size` / `text_mlp_size`, OpenAI's 4 × width by default): the same
+math as OpenAI's `ResidualAttentionBlock`. What
 keras-hub lacks is written here: the embeddings without keras-hub's integer `position_ids`
 variable, the deep prompts, pooling and projections as OpenAI lays them out.
 
@@ -151,19 +152,26 @@ class DeepPrompts(layers.Layer):
         }
 
 
-def _encoder_layers(width, heads, num_layers, activation, causal, dtype):
-    return [
-        CLIPEncoderLayer(
+def _encoder_layers(width, heads, mlp_dim, num_layers, activation, epsilon, causal, dtype):
+    """keras-hub's CLIP blocks, with `epsilon` in both LayerNorms.
+
+    keras-hub builds them with OpenAI's 1e-5; other CLIPs (e.g. some LAION ones) use another
+    value, which is set on the (not yet built) LayerNorms' public `epsilon` attribute.
+    """
+    blocks = []
+    for i in range(num_layers):
+        block = CLIPEncoderLayer(
             width,
             heads,
-            4 * width,
+            mlp_dim,
             activation,
             use_causal_mask=causal,
             dtype=dtype,
             name=f"block_{i}",
         )
-        for i in range(num_layers)
-    ]
+        block.layer_norm_1.epsilon = block.layer_norm_2.epsilon = epsilon
+        blocks.append(block)
+    return blocks
 
 
 @keras.saving.register_keras_serializable(package="mtkd_jax")
@@ -184,6 +192,8 @@ class VisionTransformer(layers.Layer):
         activation: str = "quick_gelu",
         prompt_length: int = 0,
         prompt_depth: int = 0,
+        mlp_dim: int = 0,
+        layer_norm_eps: float = 1e-5,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -191,6 +201,8 @@ class VisionTransformer(layers.Layer):
         self.num_layers, self.heads, self.embed_dim = num_layers, heads, embed_dim
         self.activation = activation
         self.prompt_length, self.prompt_depth = prompt_length, prompt_depth
+        self.mlp_dim, self.layer_norm_eps = mlp_dim or 4 * width, layer_norm_eps
+        epsilon = layer_norm_eps
         dtype = self.dtype_policy
         self.embedding = VisionEmbedding(
             width, patch_size, image_size, dtype=dtype, name="embedding"
@@ -200,9 +212,11 @@ class VisionTransformer(layers.Layer):
             if prompt_depth
             else None
         )
-        self.ln_pre = layers.LayerNormalization(epsilon=1e-5, dtype=dtype, name="ln_pre")
-        self.blocks = _encoder_layers(width, heads, num_layers, activation, False, dtype)
-        self.ln_post = layers.LayerNormalization(epsilon=1e-5, dtype=dtype, name="ln_post")
+        self.ln_pre = layers.LayerNormalization(epsilon=epsilon, dtype=dtype, name="ln_pre")
+        self.blocks = _encoder_layers(
+            width, heads, self.mlp_dim, num_layers, activation, epsilon, False, dtype
+        )
+        self.ln_post = layers.LayerNormalization(epsilon=epsilon, dtype=dtype, name="ln_post")
         self.projection = layers.Dense(embed_dim, use_bias=False, dtype=dtype, name="projection")
 
     def build(self, input_shape=None):
@@ -247,6 +261,8 @@ class VisionTransformer(layers.Layer):
             "activation": self.activation,
             "prompt_length": self.prompt_length,
             "prompt_depth": self.prompt_depth,
+            "mlp_dim": self.mlp_dim,
+            "layer_norm_eps": self.layer_norm_eps,
         }
 
 
@@ -270,6 +286,8 @@ class TextTransformer(layers.Layer):
         activation: str = "quick_gelu",
         prompt_length: int = 0,
         prompt_depth: int = 0,
+        mlp_dim: int = 0,
+        layer_norm_eps: float = 1e-5,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -277,6 +295,8 @@ class TextTransformer(layers.Layer):
         self.num_layers, self.heads, self.embed_dim = num_layers, heads, embed_dim
         self.activation = activation
         self.prompt_length, self.prompt_depth = prompt_length, prompt_depth
+        self.mlp_dim, self.layer_norm_eps = mlp_dim or 4 * width, layer_norm_eps
+        epsilon = layer_norm_eps
         dtype = self.dtype_policy
         self.embedding = TextEmbedding(
             vocab_size, width, context_length, dtype=dtype, name="embedding"
@@ -286,8 +306,10 @@ class TextTransformer(layers.Layer):
             if prompt_depth
             else None
         )
-        self.blocks = _encoder_layers(width, heads, num_layers, activation, True, dtype)
-        self.ln_final = layers.LayerNormalization(epsilon=1e-5, dtype=dtype, name="ln_final")
+        self.blocks = _encoder_layers(
+            width, heads, self.mlp_dim, num_layers, activation, epsilon, True, dtype
+        )
+        self.ln_final = layers.LayerNormalization(epsilon=epsilon, dtype=dtype, name="ln_final")
         self.projection = layers.Dense(embed_dim, use_bias=False, dtype=dtype, name="projection")
 
     def build(self, input_shape=None):
@@ -338,6 +360,8 @@ class TextTransformer(layers.Layer):
             "activation": self.activation,
             "prompt_length": self.prompt_length,
             "prompt_depth": self.prompt_depth,
+            "mlp_dim": self.mlp_dim,
+            "layer_norm_eps": self.layer_norm_eps,
         }
 
 
@@ -353,6 +377,8 @@ def vision_transformer(config: CLIPConfig, *, dtype=None, name: str = "visual"):
         activation=config.activation,
         prompt_length=config.vision_prompt_length,
         prompt_depth=config.vision_prompt_depth,
+        mlp_dim=config.vision_mlp_size,
+        layer_norm_eps=config.layer_norm_eps,
         dtype=dtype,
         name=name,
     )
@@ -415,6 +441,8 @@ class CLIP(keras.Model):
             activation=config.activation,
             prompt_length=config.text_prompt_length,
             prompt_depth=config.text_prompt_depth,
+            mlp_dim=config.text_mlp_size,
+            layer_norm_eps=config.layer_norm_eps,
             dtype=self.dtype_policy,
             name="text",
         )
