@@ -1,10 +1,13 @@
-"""The OpenAI CLIP byte-pair-encoding tokenizer, pure Python (no TensorFlow, no torch).
+"""The OpenAI CLIP byte-pair-encoding tokenizer: keras-hub's `CLIPTokenizer` on CLIP's vocabulary.
 
-Ids are identical to Hugging Face `transformers.CLIPTokenizer` on the same vocabulary: the text is
-NFC-normalised, every run of whitespace becomes one space, characters are lower-cased one by one,
-the text is split into words with CLIP's pattern (letters runs, single digits, punctuation runs,
-English contractions), each word is mapped byte by byte onto printable characters and merged with
-the BPE ranks, its last symbol carrying the end-of-word marker `</w>`.
+The byte-pair encoding itself is keras-hub's (`keras_hub.tokenizers.CLIPTokenizer`). Its ids are
+identical to Hugging Face `transformers.CLIPTokenizer` on the same vocabulary (the tests compare
+them on a few hundred generated texts, PromptKD's "X X X X {class}." prompts and texts far past
+77 tokens). What this module adds around it: the vocabulary files users have (OpenAI's gzipped
+merges, Hugging Face's `vocab.json` + `merges.txt` or `tokenizer.json`, a keras-hub preset's
+`vocabulary.json`), OpenAI's `[sot, ids…, eot, 0…]` layout with truncation that keeps the
+end-of-text token, and decoding. keras-hub (and TensorFlow, which it runs on) is imported on the
+first encoding, so importing this module loads neither.
 
 OpenAI's own tokenizer cleans text with `ftfy.fix_text` and `html.unescape` first; this one does
 not (neither does `transformers`), so texts with mojibake, curly quotes or HTML entities such as
@@ -20,11 +23,9 @@ import functools
 import gzip
 import json
 import os
-import unicodedata
 from collections.abc import Sequence
 
 import numpy as np
-import regex
 
 START_OF_TEXT = "<|startoftext|>"
 END_OF_TEXT = "<|endoftext|>"
@@ -32,20 +33,6 @@ END_OF_WORD = "</w>"
 STANDARD_VOCAB_FILE = "bpe_simple_vocab_16e6.txt.gz"
 # OpenAI keeps the first 49152 - 256 - 2 merges of the file (after its version line).
 _NUM_STANDARD_MERGES = 49152 - 256 - 2
-
-_WHITESPACE_RUN = regex.compile(r"[\p{White_Space}]+")
-_SPECIAL_TOKEN = regex.compile(r"(<\|startoftext\|>|<\|endoftext\|>)")
-# CLIP's word pattern (as in OpenAI's and Hugging Face's tokenizers), with `\s` spelled as the
-# Unicode White_Space property, which is what `\s` means in the Rust regex behind `tokenizers`.
-_CLIP_WORD = regex.compile(
-    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d"
-    r"|[\p{L}]+|[\p{N}]|[^\p{White_Space}\p{L}\p{N}]+"
-)
-# The GPT-2 pattern that Hugging Face's byte-level pre-tokenizer applies again to every word.
-_BYTE_LEVEL_WORD = regex.compile(
-    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\p{White_Space}\p{L}\p{N}]+"
-    r"|[\p{White_Space}]+(?![^\p{White_Space}])|[\p{White_Space}]+"
-)
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -67,13 +54,6 @@ def bytes_to_unicode() -> dict[int, str]:
             table[byte] = chr(next_code)
             next_code += 1
     return table
-
-
-def _normalize(text: str) -> str:
-    """NFC, whitespace runs → one space, per-character lower case (as `tokenizers` does)."""
-    text = unicodedata.normalize("NFC", text)
-    text = _WHITESPACE_RUN.sub(" ", text)
-    return "".join(char.lower() for char in text)
 
 
 @functools.lru_cache(maxsize=2)
@@ -136,10 +116,8 @@ class CLIPTokenizer:
         self._vocab = dict(vocab)
         self._merges = [tuple(merge) for merge in merges]
         self._id_to_token = {index: token for token, index in self._vocab.items()}
-        self._merge_ranks = {merge: rank for rank, merge in enumerate(self._merges)}
-        self._byte_to_symbol = bytes_to_unicode()
-        self._symbol_to_byte = {symbol: byte for byte, symbol in self._byte_to_symbol.items()}
-        self._word_cache: dict[str, list[int]] = {}
+        self._symbol_to_byte = {symbol: byte for byte, symbol in bytes_to_unicode().items()}
+        self._bpe = None  # keras-hub's tokenizer, built on the first encoding
 
     # ---------------------------------------------------------------- constructors
 
@@ -245,15 +223,23 @@ class CLIPTokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"`text` must be a str. Received: text={text!r}.")
-        ids: list[int] = []
-        for segment in _SPECIAL_TOKEN.split(text):
-            if segment in (START_OF_TEXT, END_OF_TEXT):
-                ids.append(self._vocab[segment])
-                continue
-            for clip_word in _CLIP_WORD.findall(_normalize(segment)):
-                for word in _BYTE_LEVEL_WORD.findall(clip_word):
-                    ids.extend(self._encode_word(word))
-        return ids
+        return self._encode_batch([text])[0]
+
+    def _encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Ids of each text (no start/end-of-text), by keras-hub's BPE in one call."""
+        if not texts:
+            return []
+        if self._bpe is None:
+            from mtkd_jax.data.tf_setup import import_tensorflow
+
+            import_tensorflow()  # keras-hub tokenizes with TensorFlow: keep it off accelerators
+            import keras_hub
+
+            self._bpe = keras_hub.tokenizers.CLIPTokenizer(
+                vocabulary=self._vocab, merges=[f"{a} {b}" for a, b in self._merges]
+            )
+        ragged = self._bpe(list(texts))
+        return [[int(i) for i in np.asarray(row).reshape(-1)] for row in ragged]
 
     def tokenize(
         self,
@@ -284,9 +270,12 @@ class CLIPTokenizer:
                 "`context_length` must be an int ≥ 2 (room for start and end of text). "
                 f"Received: context_length={context_length!r}."
             )
+        for text in texts:
+            if not isinstance(text, str):
+                raise TypeError(f"Every text must be a str. Received: text={text!r}.")
         rows = np.zeros((len(texts), context_length), dtype=np.int32)
-        for index, text in enumerate(texts):
-            ids = [self.sot_token_id, *self.encode(text), self.eot_token_id]
+        for index, (text, encoded) in enumerate(zip(texts, self._encode_batch(texts), strict=True)):
+            ids = [self.sot_token_id, *encoded, self.eot_token_id]
             if len(ids) > context_length:
                 if not truncate:
                     raise ValueError(
@@ -322,47 +311,6 @@ class CLIPTokenizer:
         raw = bytes(self._symbol_to_byte.get(char, ord("?")) for char in text)
         # Special tokens are plain ASCII, so their characters map back to their own bytes.
         return raw.decode("utf-8", errors="replace").replace(END_OF_WORD, " ").strip()
-
-    def _encode_word(self, word: str) -> list[int]:
-        """BPE ids of one pre-tokenized word (cached)."""
-        cached = self._word_cache.get(word)
-        if cached is not None:
-            return cached
-        symbols = [self._byte_to_symbol[byte] for byte in word.encode("utf-8")]
-        symbols[-1] += END_OF_WORD
-        symbols = self._merge(symbols)
-        unknown = self._vocab[END_OF_TEXT]  # Hugging Face's unk token for CLIP
-        ids = [self._vocab.get(symbol, unknown) for symbol in symbols]
-        if len(self._word_cache) > 200_000:
-            self._word_cache.clear()
-        self._word_cache[word] = ids
-        return ids
-
-    def _merge(self, symbols: list[str]) -> list[str]:
-        """Joins every occurrence of the best-ranked adjacent pair, until no pair has a rank."""
-        ranks = self._merge_ranks
-        while len(symbols) > 1:
-            best_rank, best_pair = None, None
-            for pair in zip(symbols, symbols[1:], strict=False):
-                rank = ranks.get(pair)
-                if rank is not None and (best_rank is None or rank < best_rank):
-                    best_rank, best_pair = rank, pair
-            if best_pair is None:
-                break
-            merged, position = [], 0
-            while position < len(symbols):
-                if (
-                    position + 1 < len(symbols)
-                    and symbols[position] == best_pair[0]
-                    and symbols[position + 1] == best_pair[1]
-                ):
-                    merged.append(best_pair[0] + best_pair[1])
-                    position += 2
-                else:
-                    merged.append(symbols[position])
-                    position += 1
-            symbols = merged
-        return symbols
 
 
 def _standard_vocab_path() -> str:
