@@ -113,7 +113,8 @@ def _generated_texts(tokenizer, count=300, seed=0):
         if index % 25 == 0:
             text = " ".join([text] * 12)  # far beyond 77 tokens
         texts.append(text)
-    return texts + ["", " ", "\n", "a photo of a cat.", "A PHOTO OF A DOG!"]
+    promptkd = ["X X X X Abyssinian.", "X X X X great pyrenees.", "X X X X Boeing 737-800."]
+    return texts + promptkd + ["", " ", "\n", "a photo of a cat.", "A PHOTO OF A DOG!"]
 
 
 @pytest.fixture(scope="module")
