@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from mtkd_jax import atomic, checkpoint, report, stages
-from mtkd_jax.config import STUDENT_KINDS, RunConfig
+from mtkd_jax.config import STUDENT_KINDS, RunConfig, with_dataset_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -629,21 +629,23 @@ def _stage_names(config: RunConfig) -> list[str]:
 
 
 def _prepare_workdir(config: RunConfig) -> Path:
-    """Creates the workdir and records the flags; never overwrites finished work silently.
+    """Claims the workdir and records the flags; never overwrites finished work silently.
 
     A workdir that already holds checkpoints of the stages this run would train is refused
     before anything is written, unless `--resume` (continue, reusing finished stages) or
-    `--overwrite` (start those stages afresh: `--stage=all` removes the previous run, a single
-    stage removes only its own checkpoints). Other stages' work (stage 1 when running stage 2)
-    is what this run builds on and is left alone.
+    `--overwrite` (start those stages afresh: `--stage=all` removes the run layout's files, a
+    single stage removes only its own checkpoints). Only a workdir that carries mtkd_jax's
+    marker is ever cleared, and only of what mtkd_jax writes (`mtkd_jax.workdir`). Other
+    stages' work (stage 1 when running stage 2) is what this run builds on and is left alone.
     """
-    import shutil
+    from mtkd_jax import workdir as workdir_lib
 
-    workdir = Path(config.workdir)
-    if config.overwrite and workdir.exists() and config.stage == "all":
-        print(f"--overwrite: removing the previous run in {workdir}")
-        shutil.rmtree(workdir)
-    elif config.overwrite and workdir.exists():
+    workdir = workdir_lib.claim(config.workdir, overwrite=config.overwrite)
+    if config.overwrite and config.stage == "all":
+        removed = workdir_lib.remove_run(workdir)
+        if removed:
+            print(f"--overwrite: removed {', '.join(removed)} from {workdir}")
+    elif config.overwrite:
         directory = checkpoint.checkpoint_dir(workdir)
         names = _stage_names(config)
         print(f"--overwrite: removing the checkpoints of {', '.join(names)} in {workdir}")
@@ -665,7 +667,6 @@ def _prepare_workdir(config: RunConfig) -> Path:
                 "overwritten silently: pass --resume to continue it (finished stages are reused), "
                 "--overwrite to start afresh, or choose another --workdir."
             )
-    workdir.mkdir(parents=True, exist_ok=True)
     atomic.write_json(workdir / "flags.json", dataclasses.asdict(config))
     return workdir
 
@@ -747,6 +748,7 @@ def run(config: RunConfig) -> dict:
     from mtkd_jax import train
     from mtkd_jax.clip.load import load_tokenizer
 
+    config = with_dataset_defaults(config)  # An empty workdir never means the current directory.
     config.validate()
     if config.multihost:
         import jax

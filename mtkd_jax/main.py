@@ -88,8 +88,10 @@ HELP = {
     "eval_every": "Also evaluate every N epochs (0: only after each stage).",
     "log_every": "Steps between metric logs (and host syncs).",
     "resume": "Continue the run found in --workdir from its last checkpoint.",
-    "overwrite": "Start afresh in a --workdir that holds this run's stages: --stage=all replaces "
-    "the workdir, a single --stage removes only its own checkpoints (earlier stages stay).",
+    "overwrite": "Start afresh in a --workdir that holds this run's stages: --stage=all removes "
+    "the files mtkd_jax writes there (nothing else), a single --stage only its own checkpoints "
+    "(earlier stages stay). Only a workdir mtkd_jax created (it holds .mtkd_jax_workdir) is "
+    "cleared.",
     "export": "Export the deployable student (one .keras file) after stage 2.",
     "baselines": "Extra methods to run for comparison: supervised (the student trained on the "
     "K shots only), instance_only (stage 1 with the instance-level loss only).",
