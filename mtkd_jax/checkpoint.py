@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mtkd_jax import atomic
+from mtkd_jax import atomic, errors
 
 CHECKPOINT_SUBDIR = "checkpoints"
 FORMAT_VERSION = 1
@@ -41,15 +41,15 @@ _NAME_PATTERN = re.compile(r"^ckpt-(?P<stage>.+)-(?P<step>\d{9})\.npz$")
 _VIEWED_DTYPES = {"bfloat16": np.uint16, "float8_e4m3fn": np.uint8, "float8_e5m2": np.uint8}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.InputError):
     """A checkpoint file that cannot be read, or does not match what it is restored into."""
 
 
-class WorkdirInUseError(RuntimeError):
+class WorkdirInUseError(errors.UserError, RuntimeError):
     """A workdir already holds this stage's checkpoints and the run did not ask to resume."""
 
 
-class MissingCheckpointError(FileNotFoundError):
+class MissingCheckpointError(errors.UserError, FileNotFoundError):
     """A stage needs another stage's checkpoint, and the workdir has none."""
 
 

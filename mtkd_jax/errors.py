@@ -6,7 +6,7 @@ command line (`mtkd_jax.main`) prints such an error as one line that says what w
 what to do. Any other exception escaping a run is an mtkd_jax bug: it keeps its traceback, and
 the command line asks for a report.
 
-`InvalidInputError` also derives from `ValueError`, so code that caught the `ValueError`s the
+`InputError` also derives from `ValueError`, so code that caught the `ValueError`s the
 library raised before this class existed keeps working.
 
 This module imports nothing heavy.
@@ -17,11 +17,11 @@ class UserError(Exception):
     """An error the user can fix (bad setting, bad input file, workdir in use); one-line message."""
 
 
-class InvalidInputError(UserError, ValueError):
+class InputError(UserError, ValueError):
     """A setting, file or folder given to mtkd_jax that cannot be used as it is."""
 
 
-class BadImageError(InvalidInputError):
+class BadImageError(InputError):
     """An image file of a dataset that cannot be decoded; the message names the file."""
 
     def __init__(self, path: str, reason: str, what_to_do: str):

@@ -30,6 +30,7 @@ import numpy as np
 
 from mtkd_jax import atomic, checkpoint, report, stages
 from mtkd_jax.config import STUDENT_KINDS, RunConfig, with_dataset_defaults
+from mtkd_jax.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def _import_keras():
     import keras
 
     if keras.backend.backend() != "jax":
-        raise ValueError(
+        raise InputError(
             "mtkd_jax trains with the JAX backend of Keras. Received KERAS_BACKEND="
             f"{keras.backend.backend()!r}: set KERAS_BACKEND=jax before importing keras."
         )
@@ -233,7 +234,7 @@ def load_prompts(teacher, path: Path) -> None:
         if saved[k].shape != tuple(variables[k].shape)
     )
     if missing or unexpected or misshaped:
-        raise ValueError(
+        raise InputError(
             f"The teacher prompts in {path} do not fit the teacher (check "
             "--teacher_prompt_length/--teacher_prompt_depth). "
             f"Missing: {missing}. Unexpected: {unexpected}. Mis-shaped: {misshaped}."
@@ -270,7 +271,7 @@ def training_batches(ctx: Context, split, stage: str, *, labeled: bool):
 
     batch_size = ctx.config.batch_size
     if len(split) < batch_size:
-        raise ValueError(
+        raise InputError(
             f"{stage} has {len(split)} training images, fewer than --batch_size={batch_size}. "
             "Lower --batch_size or raise --shots."
         )
@@ -420,7 +421,7 @@ def run_teacher_stage(ctx: Context) -> None:
 
     config, dataset, teacher = ctx.config, ctx.dataset, ctx.teacher
     if not teacher.prompt_variables():
-        raise ValueError(
+        raise InputError(
             "Stage 0 tunes the teacher's deep prompts, and this teacher has none: set "
             "--teacher_prompt_length and --teacher_prompt_depth above 0."
         )
@@ -518,7 +519,7 @@ def build_student(ctx: Context, *, adapter: bool):
         )
     if spec.startswith("keras_hub:"):
         return student_lib.backbone_student(spec[len("keras_hub:") :], teacher_dim, **common)
-    raise ValueError(f"Unknown --student={spec!r}. Valid kinds: {', '.join(STUDENT_KINDS)}.")
+    raise InputError(f"Unknown --student={spec!r}. Valid kinds: {', '.join(STUDENT_KINDS)}.")
 
 
 def unlabeled_pool(ctx: Context):
@@ -693,7 +694,7 @@ def _check_devices(config: RunConfig, mesh) -> None:
     for name in ("batch_size", "eval_batch_size"):
         value = getattr(config, name)
         if value % devices:
-            raise ValueError(
+            raise InputError(
                 f"--{name}={value} does not split evenly over the {devices} devices; choose a "
                 f"multiple of {devices} (e.g. --{name}={devices * max(1, value // devices)})."
             )

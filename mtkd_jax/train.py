@@ -41,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from mtkd_jax import atomic, checkpoint
+from mtkd_jax import atomic, checkpoint, errors
 
 DATA_AXIS = "data"
 METRICS_FILE = "metrics.jsonl"
@@ -50,7 +50,7 @@ TENSORBOARD_SUBDIR = "tensorboard"
 _MUST_BE_FINITE = ("loss", "grad_norm", "param_norm", "update_norm")
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(errors.UserError, FloatingPointError):
     """Training produced a non-finite loss (or norm); raised before any checkpoint of it."""
 
     def __init__(self, *, stage: str, epoch: int, step: int, names: Sequence[str]):

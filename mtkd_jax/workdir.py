@@ -62,25 +62,25 @@ def claim(workdir: str | os.PathLike, *, overwrite: bool) -> Path:
     """Makes `workdir` an mtkd_jax workdir (creating it and its marker), or refuses it.
 
     Raises:
-        InvalidInputError: `workdir` is empty (it would mean the current directory), is not a
+        InputError: `workdir` is empty (it would mean the current directory), is not a
             folder, or is a non-empty folder without the marker that `overwrite` would clear,
             or that holds files of other programs.
     """
     if not str(workdir).strip():
-        raise errors.InvalidInputError(
+        raise errors.InputError(
             "The workdir is empty, which would mean the current directory. Pass --workdir "
             "(RunConfig.workdir) or build the config with mtkd_jax.config.with_dataset_defaults."
         )
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
-        raise errors.InvalidInputError(f"--workdir={str(workdir)!r} exists and is not a folder.")
+        raise errors.InputError(f"--workdir={str(workdir)!r} exists and is not a folder.")
     if is_marked(workdir):
         return workdir
     entries = sorted(os.listdir(workdir)) if workdir.exists() else []
     if entries and (overwrite or not _only_run_layout(entries)):
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         action = "--overwrite would remove files from it" if overwrite else "its files"
-        raise errors.InvalidInputError(
+        raise errors.InputError(
             f"--workdir={str(workdir)!r} is a non-empty folder ({shown}) that mtkd_jax did not "
             f"create (no {MARKER} marker), and {action} are not mtkd_jax's to touch. Choose a "
             f"new or empty --workdir; if it is an mtkd_jax workdir from before the marker "
@@ -98,7 +98,7 @@ def remove_run(workdir: str | os.PathLike) -> list[str]:
     """
     workdir = Path(workdir)
     if not is_marked(workdir):
-        raise errors.InvalidInputError(
+        raise errors.InputError(
             f"{str(workdir)!r} has no {MARKER} marker; mtkd_jax removes files only from its "
             "own workdirs."
         )
