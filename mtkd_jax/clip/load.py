@@ -399,36 +399,12 @@ def _read_torch(path: str) -> Any:
     return read_torch_file(path)
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-}  # fmt: skip
-
-
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """A `.safetensors` file as read-only memory-mapped numpy arrays (bfloat16 via ml_dtypes)."""
-    import ml_dtypes
+    """A `.safetensors` file as read-only memory-mapped numpy arrays (bfloat16 via ml_dtypes),
+    after every check of the format (`mtkd_jax.clip.safetensors_io`)."""
+    from mtkd_jax.clip import safetensors_io
 
-    with open(path, "rb") as file:
-        header_size = int.from_bytes(file.read(8), "little")
-        header = json.loads(file.read(header_size))
-    buffer = np.memmap(path, dtype=np.uint8, mode="r")
-    start = 8 + header_size
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise InputError(
-                f"Unsupported safetensors dtype. Valid: {sorted(_SAFETENSORS_DTYPES)}. "
-                f"Received: {info['dtype']!r} for {name!r} in {path!r}"
-            )
-        dtype_name = _SAFETENSORS_DTYPES[info["dtype"]]
-        dtype = ml_dtypes.bfloat16 if dtype_name == "bfloat16" else np.dtype(dtype_name)
-        begin, end = info["data_offsets"]
-        raw = buffer[start + begin : start + end]
-        tensors[name] = raw.view(dtype).reshape(info["shape"])
-    return tensors
+    return safetensors_io.read(path)
 
 
 def _as_float(array: np.ndarray) -> np.ndarray:
