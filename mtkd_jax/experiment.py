@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtkd_jax import atomic, checkpoint, report, stages
+from mtkd_jax import atomic, checkpoint, quiet, report, stages
 from mtkd_jax.config import STUDENT_KINDS, RunConfig, with_dataset_defaults
 from mtkd_jax.errors import InputError
 
@@ -745,6 +745,7 @@ def _set_class_features(ctx: Context) -> None:
 def run(config: RunConfig) -> dict:
     """Runs the stages of `config` end to end; returns the results (also in results.json)."""
     _limit_data_threads(config.data_threads)  # Before anything imports TensorFlow.
+    quiet.start_quietly()  # TensorFlow, Keras and JAX without accelerator-probing noise.
     keras = _import_keras()
     from mtkd_jax import train
     from mtkd_jax.clip.load import load_tokenizer
