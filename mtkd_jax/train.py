@@ -553,7 +553,7 @@ def fit(
     if found is None:
         log.drop_after(0)  # lines of an earlier attempt that died before its first checkpoint
     else:
-        restored, saved = checkpoint.restore(found, state)
+        found, restored, saved = checkpoint.restore_latest_readable(directory, stage_name, state)
         state = replicate(restored, step_fn.mesh)
         start_epoch = int(saved["epoch"]) + 1
         log.drop_after(int(saved["step"]))
