@@ -75,7 +75,7 @@ class RunConfig:
     # Data protocol.
     unlabeled_pool: str = "fewshot"
     base_to_novel: bool = True
-    strict_data: bool = False
+    strict_data: bool = True
     data_threads: int = 0
     # Bookkeeping.
     eval_every: int = 0

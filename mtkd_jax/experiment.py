@@ -329,6 +329,9 @@ def evaluate_method(ctx: Context, method: str, logits_fn, variables) -> dict[str
 
 def write_results(ctx: Context) -> None:
     """Writes `results.json` (atomically) with what has been measured so far."""
+    from mtkd_jax.data import images
+
+    ctx.results["skipped_images"] = images.skipped_images()  # {path: reason}, --nostrict_data
     atomic.write_json(ctx.workdir / RESULTS_FILE, ctx.results)
 
 
@@ -757,6 +760,9 @@ def run(config: RunConfig) -> dict:
 
         jax.distributed.initialize()
     workdir = _prepare_workdir(config)
+    from mtkd_jax.data import images
+
+    images.reset_skipped()
     keras.utils.set_random_seed(config.seed)
     mesh = train.make_mesh()
     _check_devices(config, mesh)

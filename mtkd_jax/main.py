@@ -83,7 +83,9 @@ HELP = {
     "unlabeled_pool": "Stage-1 images: fewshot (the K-shot set, labels dropped) or train "
     "(the whole training split, labels dropped).",
     "base_to_novel": "Train stages 0 and 2 on the base classes only and report base/novel/HM.",
-    "strict_data": "Fail on the first unreadable image instead of skipping and reporting it.",
+    "strict_data": "Stop on the first unusable image file (empty, not an image, truncated, "
+    "corrupt, too large), naming it. --nostrict_data skips such files instead and lists each in "
+    "the log and in results.json (skipped_images).",
     "data_threads": "TensorFlow op threads for the input pipeline (0: TensorFlow's default). On a "
     "small CPU machine 1 leaves the cores to XLA; the demo uses 1.",
     "eval_every": "Also evaluate every N epochs (0: only after each stage).",

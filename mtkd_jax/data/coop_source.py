@@ -17,7 +17,7 @@ import os
 
 import numpy as np
 
-from mtkd_jax.data import fewshot
+from mtkd_jax.data import fewshot, images
 from mtkd_jax.data.dataset import Split
 from mtkd_jax.data.registry import SPLITS, DatasetSpec
 from mtkd_jax.errors import InputError
@@ -155,11 +155,13 @@ def _path_split(images_root: str, rel: list[str], labels: list[int], *, what: st
                 "skip them."
             )
         logger.warning(
-            "Skipping %d image(s) listed in %s that do not exist (first: %s).",
+            "Skipping %d image(s) listed in %s that do not exist:\n  %s",
             len(missing),
             what,
-            missing[0],
+            "\n  ".join(missing),
         )
+        for path in missing:
+            images.record_skipped(path, f"listed in {what} but missing")
     keep = np.flatnonzero(exists)
     return Split(
         labels=np.asarray(labels, dtype=np.int32)[keep],
