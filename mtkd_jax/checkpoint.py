@@ -136,6 +136,10 @@ def save(
             f"was written under its name and {kept}. Free disk space (or raise the file-size "
             "or quota limit) and rerun with --resume to continue from the latest checkpoint."
         ) from error
+    # Temporary files of writes killed mid-way (one writer per workdir: none is in progress).
+    for stale in directory.glob(f".ckpt-{stage}-*"):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
     if keep is not None:
         for old in list_checkpoints(directory, stage)[:-keep]:
             with contextlib.suppress(FileNotFoundError):

@@ -432,9 +432,9 @@ class _MetricsLog:
             else:
                 tf = _tensorflow_on_cpu()
                 self._tf = tf
-                self._writer = tf.summary.create_file_writer(
-                    str(workdir / TENSORBOARD_SUBDIR / stage)
-                )
+                folder = workdir / TENSORBOARD_SUBDIR / stage
+                folder.mkdir(parents=True, exist_ok=True)  # by Python: modes follow the umask
+                self._writer = tf.summary.create_file_writer(str(folder))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:

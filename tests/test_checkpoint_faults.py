@@ -68,3 +68,14 @@ def test_a_checkpoint_of_another_model_is_not_skipped_but_refused(tmp_path):
     _two_checkpoints(tmp_path)
     with pytest.raises(checkpoint.StateMismatchError, match="shape of"):
         checkpoint.restore_latest_readable(tmp_path, "stage1", _state(0.0, size=8))
+
+
+def test_a_write_killed_midway_leaves_a_temporary_that_the_next_save_removes(tmp_path):
+    first = checkpoint.save(tmp_path, _state(1.0), {"stage": "stage1", "step": 1, "epoch": 0})
+    (tmp_path / ".ckpt-stage1-000000002.npz.k1ll3d.npz").write_bytes(b"half")
+    (tmp_path / ".ckpt-stage1_instance_only-000000002.npz.x.npz").write_bytes(b"other stage")
+    assert checkpoint.latest(tmp_path, "stage1") == first
+    second = checkpoint.save(tmp_path, _state(2.0), {"stage": "stage1", "step": 2, "epoch": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [first.name, second.name, ".ckpt-stage1_instance_only-000000002.npz.x.npz"]
+    )
