@@ -7,9 +7,9 @@ beside them); any other file or folder in the workdir stays. A non-empty folder 
 marker is never cleared: `--overwrite` into it is refused with a message naming it, so
 `--workdir=$HOME --overwrite` deletes nothing.
 
-A non-empty unmarked folder that holds only names of the run layout (a workdir of an mtkd_jax
-from before the marker, or a sweep's workdir holding only its `log.txt`) is claimed by a run
-without `--overwrite`, which removes nothing.
+A folder holding nothing but a sweep's `log.txt` is claimed like an empty one. A non-empty
+unmarked folder that holds only names of the run layout (a workdir of an mtkd_jax from before
+the marker) is claimed by a run without `--overwrite`, which removes nothing.
 
 This module imports neither Keras nor TensorFlow.
 """
@@ -77,7 +77,7 @@ def claim(workdir: str | os.PathLike, *, overwrite: bool) -> Path:
     if is_marked(workdir):
         return workdir
     entries = sorted(os.listdir(workdir)) if workdir.exists() else []
-    if entries and (overwrite or not _only_run_layout(entries)):
+    if set(entries) - {SWEEP_LOG} and (overwrite or not _only_run_layout(entries)):
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         action = "--overwrite would remove files from it" if overwrite else "its files"
         raise errors.InputError(

@@ -138,3 +138,11 @@ def test_the_readme_says_exactly_what_overwrite_removes():
         )
         assert f"`{shown}" in section, name
     assert workdir_lib.MARKER in section
+
+
+def test_a_sweep_workdir_holding_only_its_log_can_be_overwritten(tmp_path):
+    (tmp_path / workdir_lib.SWEEP_LOG).write_text("$ python -m mtkd_jax.main ...\n")
+    workdir_lib.claim(tmp_path, overwrite=True)
+    assert workdir_lib.is_marked(tmp_path)
+    workdir_lib.remove_run(tmp_path)
+    assert (tmp_path / workdir_lib.SWEEP_LOG).read_text().startswith("$ python")
