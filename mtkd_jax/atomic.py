@@ -1,7 +1,9 @@
 """Writing files so that readers see the old file or the complete new one, never half of one.
 
 Everything is written to a temporary name in the destination's folder and renamed over the
-destination (`os.replace`, atomic on POSIX); on any error the temporary file is removed.
+destination (`os.replace`, atomic on POSIX); on any error the temporary file is removed. The
+file gets the permissions of any newly created file (0666 less the user's umask), not the 0600
+of the temporary file, so results shared with a group stay readable by it.
 Imports neither Keras nor TensorFlow.
 """
 
@@ -29,6 +31,7 @@ def replacing(
     os.close(descriptor)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
         if durable:
             _fsync(tmp)
         os.replace(tmp, path)
@@ -37,6 +40,20 @@ def replacing(
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system says it (Linux)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # Elsewhere: set and restore (not thread-safe, but brief).
+    os.umask(mask)
+    return mask
 
 
 def _fsync(path: str | os.PathLike) -> None:

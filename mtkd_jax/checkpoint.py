@@ -23,6 +23,7 @@ import contextlib
 import json
 import os
 import re
+import sys
 import zipfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -31,7 +32,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mtkd_jax import atomic
+from mtkd_jax import atomic, errors
 
 CHECKPOINT_SUBDIR = "checkpoints"
 FORMAT_VERSION = 1
@@ -41,15 +42,23 @@ _NAME_PATTERN = re.compile(r"^ckpt-(?P<stage>.+)-(?P<step>\d{9})\.npz$")
 _VIEWED_DTYPES = {"bfloat16": np.uint16, "float8_e4m3fn": np.uint8, "float8_e5m2": np.uint8}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.InputError):
     """A checkpoint file that cannot be read, or does not match what it is restored into."""
 
 
-class WorkdirInUseError(RuntimeError):
+class StateMismatchError(CheckpointError):
+    """A readable checkpoint whose arrays do not match the state it is restored into."""
+
+
+class CheckpointWriteError(errors.UserError, OSError):
+    """A checkpoint could not be written (disk full, file-size limit, permissions)."""
+
+
+class WorkdirInUseError(errors.UserError, RuntimeError):
     """A workdir already holds this stage's checkpoints and the run did not ask to resume."""
 
 
-class MissingCheckpointError(FileNotFoundError):
+class MissingCheckpointError(errors.UserError, FileNotFoundError):
     """A stage needs another stage's checkpoint, and the workdir has none."""
 
 
@@ -115,9 +124,22 @@ def save(
     arrays[_METADATA_KEY] = np.frombuffer(encoded, dtype=np.uint8)
 
     final_path = directory / checkpoint_name(stage, step)
-    with atomic.replacing(final_path, suffix=".npz", durable=True) as temporary:
-        with open(temporary, "wb") as file:
-            np.savez(file, allow_pickle=False, **arrays)
+    previous = latest(directory, stage)
+    try:
+        with atomic.replacing(final_path, suffix=".npz", durable=True) as temporary:
+            with open(temporary, "wb") as file:
+                np.savez(file, allow_pickle=False, **arrays)
+    except OSError as error:
+        kept = f"the latest is still {previous}" if previous else "no earlier one exists"
+        raise CheckpointWriteError(
+            f"Could not write the checkpoint {final_path} ({error.strerror or error}); nothing "
+            f"was written under its name and {kept}. Free disk space (or raise the file-size "
+            "or quota limit) and rerun with --resume to continue from the latest checkpoint."
+        ) from error
+    # Temporary files of writes killed mid-way (one writer per workdir: none is in progress).
+    for stale in directory.glob(f".ckpt-{stage}-*"):
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
     if keep is not None:
         for old in list_checkpoints(directory, stage)[:-keep]:
             with contextlib.suppress(FileNotFoundError):
@@ -168,7 +190,7 @@ def restore(path: str | os.PathLike, target: Any) -> tuple[Any, dict[str, Any]]:
             values[key] = array
     if problems:
         listing = "\n  ".join(problems)
-        raise CheckpointError(
+        raise StateMismatchError(
             f"The checkpoint {str(path)!r} does not match the state it is restored into "
             f"({len(problems)} problem(s)):\n  {listing}\nRestore it with the same model and "
             "optimizer settings that wrote it, or start a new --workdir."
@@ -188,6 +210,47 @@ def list_checkpoints(directory: str | os.PathLike, stage: str) -> list[Path]:
         if match and match["stage"] == stage and path.is_file():
             found.append((int(match["step"]), path))
     return [path for _, path in sorted(found)]
+
+
+def restore_latest_readable(
+    directory: str | os.PathLike, stage: str, target: Any
+) -> tuple[Path, Any, dict[str, Any]] | None:
+    """Restores the newest checkpoint of `stage` that reads back whole, newest first.
+
+    A truncated or corrupt checkpoint is skipped with a warning naming it and the reason, and
+    the one before it is tried, so a crash or a bad disk block costs at most the epochs since
+    the last good checkpoint.
+
+    Returns:
+        `(path, tree, metadata)` of the checkpoint used, or None when the stage has none.
+
+    Raises:
+        CheckpointError: every checkpoint of `stage` is unreadable (all are named), or the
+            newest readable one does not match `target`.
+    """
+    found = list_checkpoints(directory, stage)
+    failures = []
+    for path in reversed(found):
+        try:
+            tree, metadata = restore(path, target)
+        except StateMismatchError:
+            raise
+        except CheckpointError as error:
+            failures.append(f"{path}: {error}")
+            print(
+                f"warning: the checkpoint {path} is unreadable ({error}); trying the one before "
+                "it.",
+                file=sys.stderr,
+            )
+            continue
+        return path, tree, metadata
+    if failures:
+        raise CheckpointError(
+            f"No checkpoint of {stage} in {str(directory)!r} can be read:\n  "
+            + "\n  ".join(failures)
+            + "\nStart this stage afresh with --overwrite (or move the files away)."
+        )
+    return None
 
 
 def latest(directory: str | os.PathLike, stage: str) -> Path | None:
@@ -309,6 +372,11 @@ def _open_npz(path):
 def _read_array(archive, key, path) -> np.ndarray:
     try:
         return archive[key]
+    except (zipfile.BadZipFile, EOFError, OSError) as error:
+        raise CheckpointError(
+            f"Cannot read the entry {key!r} of the checkpoint {str(path)!r} ({error}): the file "
+            "is truncated or corrupt."
+        ) from None
     except ValueError as error:
         raise CheckpointError(
             f"Refusing to load {str(path)!r}: entry {key!r} is not a plain array ({error}). "

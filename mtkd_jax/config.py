@@ -8,10 +8,14 @@ dataset (teacher, student, workdir), so the embedded offline demo needs no flag 
 import dataclasses
 import math
 
+from mtkd_jax.errors import InputError
+
 STAGES = ("0", "1", "2", "all")
 DTYPES = ("float32", "bfloat16")
 UNLABELED_POOLS = ("fewshot", "train")
 OPTIMIZERS = ("sgd", "adamw")
+DATA_SOURCES = ("auto", "tfds", "coop")
+BASELINES = ("zero_shot", "supervised", "instance_only")
 PAPER_TEACHER = "keras_hub:clip_vit_large_patch14"
 PAPER_STUDENT = "clip:keras_hub:clip_vit_base_patch16"
 DEMO_TEACHER = "shapes"
@@ -71,7 +75,7 @@ class RunConfig:
     # Data protocol.
     unlabeled_pool: str = "fewshot"
     base_to_novel: bool = True
-    strict_data: bool = False
+    strict_data: bool = True
     data_threads: int = 0
     # Bookkeeping.
     eval_every: int = 0
@@ -93,46 +97,48 @@ class RunConfig:
         return override or self.epochs
 
     def validate(self) -> None:
-        """Raises ValueError naming the first setting that cannot work, and the valid choices."""
-        choices = {
-            "stage": (self.stage, STAGES),
-            "dtype": (self.dtype, DTYPES),
-            "unlabeled_pool": (self.unlabeled_pool, UNLABELED_POOLS),
-            "optimizer": (self.optimizer, OPTIMIZERS),
-        }
-        for name, (value, valid) in choices.items():
-            if value not in valid:
-                raise ValueError(f"--{name}={value!r} is not one of {', '.join(valid)}.")
+        """Raises InputError (a ValueError) naming the first setting that cannot work, and the
+        valid choices."""
+        for name, valid in CHOICES.items():
+            value = getattr(self, name)
+            for item in value if isinstance(value, tuple) else (value,):
+                if item not in valid:
+                    raise InputError(
+                        f"--{name}={item!r} is not one of {', '.join(valid)}."
+                        if not isinstance(value, tuple)
+                        else f"--{name} takes a comma-separated list of {', '.join(valid)}. "
+                        f"Received {item!r}."
+                    )
         positive = ("shots", "batch_size", "eval_batch_size", "epochs", "reduction", "log_every")
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ValueError(f"--{name} must be positive. Received {getattr(self, name)}.")
+                raise InputError(f"--{name} must be positive. Received {getattr(self, name)}.")
         if not self.temperatures or any(t <= 0 for t in self.temperatures):
-            raise ValueError(f"--temperatures must be positive. Received {self.temperatures}.")
+            raise InputError(f"--temperatures must be positive. Received {self.temperatures}.")
         if len(self.loss_weights) != 3:
-            raise ValueError(
+            raise InputError(
                 "--loss_weights takes three numbers (instance, batch, class). "
                 f"Received {self.loss_weights}."
             )
         for name in ("teacher_epochs", "adapter_epochs", "supervised_epochs"):
             if getattr(self, name) < 0:
-                raise ValueError(
+                raise InputError(
                     f"--{name} must be >= 0 (0: --epochs). Received {getattr(self, name)}."
                 )
         if self.student and not (
             self.student in EMBEDDED_STUDENTS or self.student.startswith(STUDENT_PREFIXES)
         ):
-            raise ValueError(
+            raise InputError(
                 f"Unknown --student={self.student!r}. Valid kinds: {', '.join(STUDENT_KINDS)}."
             )
         if self.data_threads < 0:
-            raise ValueError(f"--data_threads must be >= 0. Received {self.data_threads}.")
+            raise InputError(f"--data_threads must be >= 0. Received {self.data_threads}.")
         if not 0.0 < self.min_crop_scale <= 1.0:
-            raise ValueError(f"--min_crop_scale must be in (0, 1]. Received {self.min_crop_scale}.")
+            raise InputError(f"--min_crop_scale must be in (0, 1]. Received {self.min_crop_scale}.")
         if not 0.0 <= self.residual_ratio <= 1.0:
-            raise ValueError(f"--residual_ratio must be in [0, 1]. Received {self.residual_ratio}.")
+            raise InputError(f"--residual_ratio must be in [0, 1]. Received {self.residual_ratio}.")
         if not all(math.isfinite(v) for v in (self.lr, self.kd_weight, self.weight_decay)):
-            raise ValueError("--lr, --kd_weight and --weight_decay must be finite numbers.")
+            raise InputError("--lr, --kd_weight and --weight_decay must be finite numbers.")
 
 
 # The offline demo (`python -m mtkd_jax.main` with no flags, `flags/demo.flags`): the settings
@@ -163,6 +169,18 @@ DEMO_SETTINGS = {
     "eval_batch_size": 256,
     "data_threads": 1,
     "baselines": ("zero_shot", "supervised", "instance_only"),
+}
+
+
+# The settings that take one of a fixed set of values (a list of them for tuple fields): the
+# command line refuses anything else at parsing, `RunConfig.validate` in the library.
+CHOICES = {
+    "stage": STAGES,
+    "dtype": DTYPES,
+    "unlabeled_pool": UNLABELED_POOLS,
+    "optimizer": OPTIMIZERS,
+    "data_source": DATA_SOURCES,
+    "baselines": BASELINES,
 }
 
 

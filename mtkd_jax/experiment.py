@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from mtkd_jax import atomic, checkpoint, report, stages
-from mtkd_jax.config import STUDENT_KINDS, RunConfig
+from mtkd_jax import atomic, checkpoint, quiet, report, stages
+from mtkd_jax.config import STUDENT_KINDS, RunConfig, with_dataset_defaults
+from mtkd_jax.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def _import_keras():
     import keras
 
     if keras.backend.backend() != "jax":
-        raise ValueError(
+        raise InputError(
             "mtkd_jax trains with the JAX backend of Keras. Received KERAS_BACKEND="
             f"{keras.backend.backend()!r}: set KERAS_BACKEND=jax before importing keras."
         )
@@ -233,7 +234,7 @@ def load_prompts(teacher, path: Path) -> None:
         if saved[k].shape != tuple(variables[k].shape)
     )
     if missing or unexpected or misshaped:
-        raise ValueError(
+        raise InputError(
             f"The teacher prompts in {path} do not fit the teacher (check "
             "--teacher_prompt_length/--teacher_prompt_depth). "
             f"Missing: {missing}. Unexpected: {unexpected}. Mis-shaped: {misshaped}."
@@ -270,7 +271,7 @@ def training_batches(ctx: Context, split, stage: str, *, labeled: bool):
 
     batch_size = ctx.config.batch_size
     if len(split) < batch_size:
-        raise ValueError(
+        raise InputError(
             f"{stage} has {len(split)} training images, fewer than --batch_size={batch_size}. "
             "Lower --batch_size or raise --shots."
         )
@@ -328,6 +329,9 @@ def evaluate_method(ctx: Context, method: str, logits_fn, variables) -> dict[str
 
 def write_results(ctx: Context) -> None:
     """Writes `results.json` (atomically) with what has been measured so far."""
+    from mtkd_jax.data import images
+
+    ctx.results["skipped_images"] = images.skipped_images()  # {path: reason}, --nostrict_data
     atomic.write_json(ctx.workdir / RESULTS_FILE, ctx.results)
 
 
@@ -420,7 +424,7 @@ def run_teacher_stage(ctx: Context) -> None:
 
     config, dataset, teacher = ctx.config, ctx.dataset, ctx.teacher
     if not teacher.prompt_variables():
-        raise ValueError(
+        raise InputError(
             "Stage 0 tunes the teacher's deep prompts, and this teacher has none: set "
             "--teacher_prompt_length and --teacher_prompt_depth above 0."
         )
@@ -518,7 +522,7 @@ def build_student(ctx: Context, *, adapter: bool):
         )
     if spec.startswith("keras_hub:"):
         return student_lib.backbone_student(spec[len("keras_hub:") :], teacher_dim, **common)
-    raise ValueError(f"Unknown --student={spec!r}. Valid kinds: {', '.join(STUDENT_KINDS)}.")
+    raise InputError(f"Unknown --student={spec!r}. Valid kinds: {', '.join(STUDENT_KINDS)}.")
 
 
 def unlabeled_pool(ctx: Context):
@@ -629,21 +633,23 @@ def _stage_names(config: RunConfig) -> list[str]:
 
 
 def _prepare_workdir(config: RunConfig) -> Path:
-    """Creates the workdir and records the flags; never overwrites finished work silently.
+    """Claims the workdir and records the flags; never overwrites finished work silently.
 
     A workdir that already holds checkpoints of the stages this run would train is refused
     before anything is written, unless `--resume` (continue, reusing finished stages) or
-    `--overwrite` (start those stages afresh: `--stage=all` removes the previous run, a single
-    stage removes only its own checkpoints). Other stages' work (stage 1 when running stage 2)
-    is what this run builds on and is left alone.
+    `--overwrite` (start those stages afresh: `--stage=all` removes the run layout's files, a
+    single stage removes only its own checkpoints). Only a workdir that carries mtkd_jax's
+    marker is ever cleared, and only of what mtkd_jax writes (`mtkd_jax.workdir`). Other
+    stages' work (stage 1 when running stage 2) is what this run builds on and is left alone.
     """
-    import shutil
+    from mtkd_jax import workdir as workdir_lib
 
-    workdir = Path(config.workdir)
-    if config.overwrite and workdir.exists() and config.stage == "all":
-        print(f"--overwrite: removing the previous run in {workdir}")
-        shutil.rmtree(workdir)
-    elif config.overwrite and workdir.exists():
+    workdir = workdir_lib.claim(config.workdir, overwrite=config.overwrite)
+    if config.overwrite and config.stage == "all":
+        removed = workdir_lib.remove_run(workdir)
+        if removed:
+            print(f"--overwrite: removed {', '.join(removed)} from {workdir}")
+    elif config.overwrite:
         directory = checkpoint.checkpoint_dir(workdir)
         names = _stage_names(config)
         print(f"--overwrite: removing the checkpoints of {', '.join(names)} in {workdir}")
@@ -665,7 +671,6 @@ def _prepare_workdir(config: RunConfig) -> Path:
                 "overwritten silently: pass --resume to continue it (finished stages are reused), "
                 "--overwrite to start afresh, or choose another --workdir."
             )
-    workdir.mkdir(parents=True, exist_ok=True)
     atomic.write_json(workdir / "flags.json", dataclasses.asdict(config))
     return workdir
 
@@ -692,7 +697,7 @@ def _check_devices(config: RunConfig, mesh) -> None:
     for name in ("batch_size", "eval_batch_size"):
         value = getattr(config, name)
         if value % devices:
-            raise ValueError(
+            raise InputError(
                 f"--{name}={value} does not split evenly over the {devices} devices; choose a "
                 f"multiple of {devices} (e.g. --{name}={devices * max(1, value // devices)})."
             )
@@ -743,16 +748,21 @@ def _set_class_features(ctx: Context) -> None:
 def run(config: RunConfig) -> dict:
     """Runs the stages of `config` end to end; returns the results (also in results.json)."""
     _limit_data_threads(config.data_threads)  # Before anything imports TensorFlow.
+    quiet.start_quietly()  # TensorFlow, Keras and JAX without accelerator-probing noise.
     keras = _import_keras()
     from mtkd_jax import train
     from mtkd_jax.clip.load import load_tokenizer
 
+    config = with_dataset_defaults(config)  # An empty workdir never means the current directory.
     config.validate()
     if config.multihost:
         import jax
 
         jax.distributed.initialize()
     workdir = _prepare_workdir(config)
+    from mtkd_jax.data import images
+
+    images.reset_skipped()
     keras.utils.set_random_seed(config.seed)
     mesh = train.make_mesh()
     _check_devices(config, mesh)

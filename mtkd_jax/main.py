@@ -11,20 +11,21 @@ Every flag is a field of `mtkd_jax.config.RunConfig`; the work itself is the lib
 
 import dataclasses
 import sys
+import traceback
 import typing
 
 from absl import app, flags
 
 from mtkd_jax import config as config_lib
-from mtkd_jax.checkpoint import WorkdirInUseError
+from mtkd_jax import errors
 
-# Errors that mean "the input or the run's state is not right": shown as one message.
-USER_ERRORS = (
-    ValueError,
-    FileNotFoundError,
-    FileExistsError,
-    WorkdirInUseError,
-    FloatingPointError,
+# Errors that mean "the input, the run's state or the machine is not right": one line each.
+# OSError covers what the system refuses (a missing file, permissions, a full disk); everything
+# else is an mtkd_jax bug and keeps its traceback.
+USER_ERRORS = (errors.UserError, OSError)
+BUG_REPORT = (
+    "This is a bug in mtkd_jax, not a problem with your settings: please report it with the "
+    "command line and the traceback above."
 )
 
 HELP = {
@@ -82,27 +83,65 @@ HELP = {
     "unlabeled_pool": "Stage-1 images: fewshot (the K-shot set, labels dropped) or train "
     "(the whole training split, labels dropped).",
     "base_to_novel": "Train stages 0 and 2 on the base classes only and report base/novel/HM.",
-    "strict_data": "Fail on the first unreadable image instead of skipping and reporting it.",
+    "strict_data": "Stop on the first unusable image file (empty, not an image, truncated, "
+    "corrupt, too large), naming it. --nostrict_data skips such files instead and lists each in "
+    "the log and in results.json (skipped_images).",
     "data_threads": "TensorFlow op threads for the input pipeline (0: TensorFlow's default). On a "
     "small CPU machine 1 leaves the cores to XLA; the demo uses 1.",
     "eval_every": "Also evaluate every N epochs (0: only after each stage).",
     "log_every": "Steps between metric logs (and host syncs).",
     "resume": "Continue the run found in --workdir from its last checkpoint.",
-    "overwrite": "Start afresh in a --workdir that holds this run's stages: --stage=all replaces "
-    "the workdir, a single --stage removes only its own checkpoints (earlier stages stay).",
+    "overwrite": "Start afresh in a --workdir that holds this run's stages: --stage=all removes "
+    "the files mtkd_jax writes there (nothing else), a single --stage only its own checkpoints "
+    "(earlier stages stay). Only a workdir mtkd_jax created (it holds .mtkd_jax_workdir) is "
+    "cleared.",
     "export": "Export the deployable student (one .keras file) after stage 2.",
-    "baselines": "Extra methods to run for comparison: supervised (the student trained on the "
-    "K shots only), instance_only (stage 1 with the instance-level loss only).",
+    "baselines": "Extra methods to run for comparison: zero_shot (the teacher CLIP without "
+    "prompts), supervised (the student trained on the K shots only), instance_only (stage 1 with "
+    "the instance-level loss only).",
 }
 
 
+class _ChoiceListParser(flags.ListParser):
+    """A comma-separated list whose items must each be one of `choices` (refused at parsing)."""
+
+    def __init__(self, choices):
+        super().__init__()
+        self.choices = tuple(choices)
+
+    def parse(self, argument):
+        items = super().parse(argument)
+        wrong = [item for item in items if item not in self.choices]
+        if wrong:
+            raise ValueError(
+                f"{', '.join(map(repr, wrong))} not among the valid choices "
+                f"<{'|'.join(self.choices)}>"
+            )
+        return items
+
+
 def _define_flags() -> None:
-    """Defines one absl flag per `RunConfig` field, with the field's default."""
+    """Defines one absl flag per `RunConfig` field, with the field's default.
+
+    A field with a fixed set of values (`config.CHOICES`) becomes an enum flag, or a list flag
+    that checks its items: a wrong value is refused while parsing, naming the valid choices.
+    """
     hints = typing.get_type_hints(config_lib.RunConfig)
     for field in dataclasses.fields(config_lib.RunConfig):
         default, kind = field.default, hints[field.name]
         help_text = HELP[field.name]
-        if kind is bool:
+        choices = config_lib.CHOICES.get(field.name)
+        if choices and kind is str:
+            flags.DEFINE_enum(field.name, default, choices, help_text)
+        elif choices:
+            flags.DEFINE(
+                _ChoiceListParser(choices),
+                field.name,
+                list(default),
+                f"<{'|'.join(choices)}>,...: {help_text}",
+                serializer=flags.CsvListSerializer(","),
+            )
+        elif kind is bool:
             flags.DEFINE_bool(field.name, default, help_text)
         elif kind is int:
             flags.DEFINE_integer(field.name, default, help_text)
@@ -127,7 +166,7 @@ def config_from_flags(flag_values: flags.FlagValues) -> config_lib.RunConfig:
             try:
                 value = tuple(item_type(v) for v in value if str(v).strip())
             except ValueError:
-                raise ValueError(
+                raise errors.InputError(
                     f"--{field.name} takes comma-separated numbers. Received {','.join(value)}."
                 ) from None
         values[field.name] = value
@@ -158,6 +197,10 @@ def main(argv: list[str]) -> None:
             raise
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    except Exception:
+        traceback.print_exc()
+        print(BUG_REPORT, file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from mtkd_jax import atomic, checkpoint
+from mtkd_jax import atomic, checkpoint, errors
 
 DATA_AXIS = "data"
 METRICS_FILE = "metrics.jsonl"
@@ -50,7 +50,7 @@ TENSORBOARD_SUBDIR = "tensorboard"
 _MUST_BE_FINITE = ("loss", "grad_norm", "param_norm", "update_norm")
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(errors.UserError, FloatingPointError):
     """Training produced a non-finite loss (or norm); raised before any checkpoint of it."""
 
     def __init__(self, *, stage: str, epoch: int, step: int, names: Sequence[str]):
@@ -432,9 +432,9 @@ class _MetricsLog:
             else:
                 tf = _tensorflow_on_cpu()
                 self._tf = tf
-                self._writer = tf.summary.create_file_writer(
-                    str(workdir / TENSORBOARD_SUBDIR / stage)
-                )
+                folder = workdir / TENSORBOARD_SUBDIR / stage
+                folder.mkdir(parents=True, exist_ok=True)  # by Python: modes follow the umask
+                self._writer = tf.summary.create_file_writer(str(folder))
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -553,7 +553,7 @@ def fit(
     if found is None:
         log.drop_after(0)  # lines of an earlier attempt that died before its first checkpoint
     else:
-        restored, saved = checkpoint.restore(found, state)
+        found, restored, saved = checkpoint.restore_latest_readable(directory, stage_name, state)
         state = replicate(restored, step_fn.mesh)
         start_epoch = int(saved["epoch"]) + 1
         log.drop_after(int(saved["step"]))

@@ -1,6 +1,8 @@
 """Atomic writes: the destination is either the old file or the complete new one."""
 
 import json
+import os
+import stat
 
 import pytest
 
@@ -53,3 +55,22 @@ def test_write_text_and_compact_sorted_json(tmp_path):
     atomic.write_json(tmp_path / "marker.json", {"b": 1, "a": 2}, indent=None, sort_keys=True)
     assert (tmp_path / "table.md").read_text() == "| a |\n"
     assert (tmp_path / "marker.json").read_text() == '{"a": 2, "b": 1}\n'
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002, 0o077])
+def test_files_follow_the_umask_like_any_newly_created_file(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        atomic.write_json(tmp_path / "results.json", {"run": 1})
+        atomic.write_text(tmp_path / "flags.txt", "x")
+        with atomic.replacing(tmp_path / "w.weights.h5", suffix=".weights.h5", durable=True) as tmp:
+            with open(tmp, "wb") as file:  # as h5py/numpy do: reopen the temporary file
+                file.write(b"w")
+        open(tmp_path / "plain", "w").close()  # what an ordinary write gets
+        assert atomic.current_umask() == umask
+    finally:
+        os.umask(previous)
+    expected = 0o666 & ~umask
+    assert stat.S_IMODE(os.stat(tmp_path / "plain").st_mode) == expected
+    for name in ("results.json", "flags.txt", "w.weights.h5"):
+        assert stat.S_IMODE(os.stat(tmp_path / name).st_mode) == expected, name

@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from mtkd_jax.errors import InputError
+
 ACTIVATIONS = ("quick_gelu", "gelu")
 
 
@@ -62,11 +64,11 @@ class CLIPConfig:
         for field in positive:
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(
+                raise InputError(
                     f"CLIPConfig.{field} must be a positive int. Received: {field}={value!r}"
                 )
         if self.image_size % self.patch_size:
-            raise ValueError(
+            raise InputError(
                 "image_size must be a multiple of patch_size. "
                 f"Received: image_size={self.image_size}, patch_size={self.patch_size}"
             )
@@ -75,37 +77,41 @@ class CLIPConfig:
             (self.text_width, self.text_heads, "text"),
         ):
             if width % heads:
-                raise ValueError(
+                raise InputError(
                     f"{tower}_width must be divisible by {tower}_heads. "
                     f"Received: {tower}_width={width}, {tower}_heads={heads}"
                 )
         for field in ("vision_mlp_dim", "text_mlp_dim"):
             value = getattr(self, field)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-                raise ValueError(
+                raise InputError(
                     f"CLIPConfig.{field} must be an int >= 0 (0: 4 × width). "
                     f"Received: {field}={value!r}"
                 )
+        # One spelling of OpenAI's 4 × width (0), so equal architectures compare equal.
+        for tower in ("vision", "text"):
+            if getattr(self, f"{tower}_mlp_dim") == 4 * getattr(self, f"{tower}_width"):
+                object.__setattr__(self, f"{tower}_mlp_dim", 0)
         if not 0 < self.layer_norm_eps < 1:
-            raise ValueError(
+            raise InputError(
                 "CLIPConfig.layer_norm_eps must be in (0, 1). "
                 f"Received: layer_norm_eps={self.layer_norm_eps!r}"
             )
         if self.activation not in ACTIVATIONS:
-            raise ValueError(
+            raise InputError(
                 f"activation must be one of {ACTIVATIONS}. Received: activation={self.activation!r}"
             )
         for tower, layers in (("vision", self.vision_layers), ("text", self.text_layers)):
             length = getattr(self, f"{tower}_prompt_length")
             depth = getattr(self, f"{tower}_prompt_depth")
             if length < 0 or depth < 0 or (length == 0) != (depth == 0) or depth > layers:
-                raise ValueError(
+                raise InputError(
                     f"{tower}_prompt_length and {tower}_prompt_depth must both be 0 (no prompts) "
                     f"or both positive, with depth <= {tower}_layers ({layers}). Received: "
                     f"{tower}_prompt_length={length}, {tower}_prompt_depth={depth}"
                 )
         if self.text_prompt_length + 2 > self.context_length:
-            raise ValueError(
+            raise InputError(
                 "text_prompt_length leaves no room for start, end and class tokens. Received: "
                 f"text_prompt_length={self.text_prompt_length}, "
                 f"context_length={self.context_length}"
@@ -137,7 +143,7 @@ class CLIPConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
-            raise ValueError(
+            raise InputError(
                 f"Unknown CLIPConfig fields {unknown}. Valid fields: {sorted(names)}. "
                 f"Received: {values!r}"
             )
@@ -148,7 +154,7 @@ class CLIPConfig:
         """An architecture by name (`ViT-B/32`, `ViT-B/16`, `ViT-L/14`, `ViT-L/14@336px`, `tiny`,
         `tiny-teacher`, `tiny-student`), with optional field overrides (e.g. prompt settings)."""
         if name not in PRESETS:
-            raise ValueError(
+            raise InputError(
                 f"Unknown CLIP preset. Valid names: {sorted(PRESETS)}. Received: {name!r}"
             )
         return cls(**{**PRESETS[name], **overrides})

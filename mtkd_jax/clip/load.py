@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from mtkd_jax.clip.config import CLIPConfig
+from mtkd_jax.errors import InputError
 
 Transform = Callable[[np.ndarray], np.ndarray]
 Table = dict[str, list[tuple[Any, Transform]]]
@@ -43,7 +44,7 @@ WEIGHTS_FILE = "model.weights.h5"
 TEXT_PROMPT_INIT = "a photo of a"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(InputError):
     """A checkpoint does not fit the model: lists missing, unexpected and mis-shaped names."""
 
 
@@ -175,7 +176,7 @@ def _heads_out(width: int, heads: int) -> Transform:
 def _slice(index: int, width: int, then: Transform) -> Transform:
     def transform(array):
         if array.shape[0] != 3 * width:
-            raise ValueError("wrong fused size")
+            raise InputError("wrong fused size")
         return then(array[index * width : (index + 1) * width])
 
     return transform
@@ -398,36 +399,12 @@ def _read_torch(path: str) -> Any:
     return read_torch_file(path)
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-}  # fmt: skip
-
-
 def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """A `.safetensors` file as read-only memory-mapped numpy arrays (bfloat16 via ml_dtypes)."""
-    import ml_dtypes
+    """A `.safetensors` file as read-only memory-mapped numpy arrays (bfloat16 via ml_dtypes),
+    after every check of the format (`mtkd_jax.clip.safetensors_io`)."""
+    from mtkd_jax.clip import safetensors_io
 
-    with open(path, "rb") as file:
-        header_size = int.from_bytes(file.read(8), "little")
-        header = json.loads(file.read(header_size))
-    buffer = np.memmap(path, dtype=np.uint8, mode="r")
-    start = 8 + header_size
-    tensors = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if info["dtype"] not in _SAFETENSORS_DTYPES:
-            raise ValueError(
-                f"Unsupported safetensors dtype. Valid: {sorted(_SAFETENSORS_DTYPES)}. "
-                f"Received: {info['dtype']!r} for {name!r} in {path!r}"
-            )
-        dtype_name = _SAFETENSORS_DTYPES[info["dtype"]]
-        dtype = ml_dtypes.bfloat16 if dtype_name == "bfloat16" else np.dtype(dtype_name)
-        begin, end = info["data_offsets"]
-        raw = buffer[start + begin : start + end]
-        tensors[name] = raw.view(dtype).reshape(info["shape"])
-    return tensors
+    return safetensors_io.read(path)
 
 
 def _as_float(array: np.ndarray) -> np.ndarray:
@@ -439,7 +416,7 @@ def _flat_state_dict(obj: Any, description: str) -> dict[str, np.ndarray]:
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping):
-        raise ValueError(
+        raise InputError(
             f"Expected a state dict (name → tensor) in {description}. "
             f"Received: an object of type {type(obj).__name__}"
         )
@@ -467,7 +444,7 @@ def openai_config(tensors: Mapping[str, np.ndarray]) -> CLIPConfig:
             if "visual.attnpool.c_proj.weight" in tensors
             else ""
         )
-        raise ValueError(
+        raise InputError(
             f"Not an OpenAI CLIP ViT state dict{hint}: missing {absent}. "
             f"Received names such as {sorted(tensors)[:5]}"
         )
@@ -502,20 +479,20 @@ def openai_config(tensors: Mapping[str, np.ndarray]) -> CLIPConfig:
 def hf_config(values: Mapping[str, Any], path: str) -> CLIPConfig:
     """Architecture of a Hugging Face `CLIPModel` `config.json`."""
     if values.get("model_type") != "clip":
-        raise ValueError(
+        raise InputError(
             f"Expected a Hugging Face CLIPModel config (model_type 'clip'). "
             f"Received: model_type={values.get('model_type')!r} in {path!r}"
         )
     vision, text = values.get("vision_config", {}), values.get("text_config", {})
     epsilons = {vision.get("layer_norm_eps", 1e-5), text.get("layer_norm_eps", 1e-5)}
     if len(epsilons) != 1:
-        raise ValueError(
+        raise InputError(
             f"Both towers must use the same LayerNorm epsilon. Received: vision "
             f"{vision.get('layer_norm_eps')}, text {text.get('layer_norm_eps')} in {path!r}"
         )
     activations = {vision.get("hidden_act", "quick_gelu"), text.get("hidden_act", "quick_gelu")}
     if len(activations) != 1:
-        raise ValueError(
+        raise InputError(
             f"Both towers must use the same activation. Received: {activations} in {path!r}"
         )
     return CLIPConfig(
@@ -559,7 +536,7 @@ def _read_hf_directory(path: str) -> BaseCheckpoint:
     elif os.path.isfile(binary):
         tensors = _flat_state_dict(_read_torch(binary), binary)
     else:
-        raise ValueError(
+        raise InputError(
             "A Hugging Face CLIP directory needs `model.safetensors` or `pytorch_model.bin` "
             f"(sharded checkpoints are not supported). Received: {path!r} with "
             f"{sorted(os.listdir(path))}"
@@ -591,7 +568,7 @@ def _read_keras_hub_preset(preset: str) -> BaseCheckpoint:
     try:
         backbone = keras_hub.models.CLIPBackbone.from_preset(preset)
     except Exception as error:  # noqa: BLE001 - keras-hub raises many kinds; re-raise with context
-        raise ValueError(
+        raise InputError(
             f"Could not load the keras-hub CLIP preset {preset!r} ({type(error).__name__}: "
             f"{error}). Use a local preset directory or a preset name such as "
             "'clip_vit_base_patch16' on a machine that can download it."
@@ -607,7 +584,7 @@ def _read_keras_hub_preset(preset: str) -> BaseCheckpoint:
     tensors = {name: np.asarray(variable) for name, variable in named.items()}
     positions = tensors["vision/position_ids"].reshape(-1)
     if not np.array_equal(positions, np.arange(positions.size)):
-        raise ValueError(
+        raise InputError(
             "keras-hub's vision embedding looks positions up through its stored `position_ids`; "
             "CLIP (and this model) uses 0, 1, 2, …, which released presets store. Received "
             f"position_ids starting {positions[:8].tolist()} in preset {preset!r}"
@@ -615,7 +592,7 @@ def _read_keras_hub_preset(preset: str) -> BaseCheckpoint:
     projection_dim = backbone.projection_dim
     del backbone, named  # the tensors are copies: free the keras-hub model
     if vision.intermediate_activation != text.intermediate_activation:
-        raise ValueError(f"Both towers must use the same activation. Received preset {preset!r}")
+        raise InputError(f"Both towers must use the same activation. Received preset {preset!r}")
     config = CLIPConfig(
         embed_dim=projection_dim,
         image_size=vision.image_shape[0],
@@ -651,7 +628,7 @@ def _download_hf(repo_id: str) -> str:
             allow_patterns=["config.json", "model.safetensors", "vocab.json", "merges.txt"],
         )
     except Exception as error:  # noqa: BLE001 - offline, missing repo, no auth: all explained below
-        raise ValueError(
+        raise InputError(
             f"Could not fetch the Hugging Face repository {repo_id!r} ({type(error).__name__}: "
             f"{error}). On a machine without network, download it elsewhere and pass the "
             "local directory instead of 'hf:<repo_id>'."
@@ -678,14 +655,14 @@ def read_base(source: str | os.PathLike) -> BaseCheckpoint:
                 return _read_hf_directory(source)
         if os.path.isfile(os.path.join(source, "metadata.json")):
             return _read_keras_hub_preset(source)
-        raise ValueError(
+        raise InputError(
             "Unrecognised CLIP directory: expected a Hugging Face CLIP directory (config.json "
             "with model_type 'clip'), a keras-hub preset (metadata.json) or our own format "
             f"({CONFIG_FILE}). Received: {source!r} with {sorted(os.listdir(source))}"
         )
     if os.path.isfile(source):
         return _read_openai_file(source)
-    raise ValueError(
+    raise InputError(
         "CLIP source not found. Pass a local directory or file, 'hf:<repo_id>' or "
         f"'keras_hub:<preset>'. Received: source={source!r}"
     )
@@ -747,7 +724,7 @@ def prompt_settings(tensors: Mapping[str, np.ndarray]) -> dict[str, int]:
         settings[f"{tower}_prompt_length"] = int(length)
         settings[f"{tower}_prompt_depth"] = int(depth)
     if not any(settings.values()):
-        raise ValueError(
+        raise InputError(
             "No prompt tensors found: expected 'prompt_learner.ctx', 'image_encoder.VPT' and "
             "'…resblocks.<i>.VPT_shallow' (or the MTKD names 'image_encoder.initial_prompt', "
             f"'…new_prompt'). Received names such as {sorted(tensors)[:8]}"
@@ -786,7 +763,7 @@ def _prompt_config(prompts: Any) -> dict[str, int]:
     )
     unknown = sorted(set(prompts) - set(keys))
     if unknown:
-        raise ValueError(
+        raise InputError(
             f"Unknown prompt settings {unknown}. Valid keys: {list(keys)}. Received: {prompts!r}"
         )
     return {key: int(prompts.get(key, 0)) for key in keys}
@@ -821,7 +798,7 @@ def load(source: str | os.PathLike, prompts: Any = None, *, dtype: str = "float3
         if isinstance(prompts, Mapping) and not model.prompt_variables():
             return _with_fresh_prompts(model, _prompt_config(prompts), source, dtype)
         if prompts is not None:
-            raise ValueError(
+            raise InputError(
                 "A converted checkpoint takes only fresh prompt settings (a dict), and only when "
                 "it has no prompts yet; pass a prompt checkpoint when converting instead "
                 f"(python -m mtkd_jax.convert SRC DST --prompts CKPT). Received: source={source!r}"
@@ -837,7 +814,7 @@ def load(source: str | os.PathLike, prompts: Any = None, *, dtype: str = "float3
     elif isinstance(prompts, Mapping):
         settings, fresh = _prompt_config(prompts), True
     elif prompts is not None:
-        raise ValueError(
+        raise InputError(
             "prompts must be None, a checkpoint path, or a dict of prompt settings. "
             f"Received: prompts={prompts!r}"
         )
@@ -912,7 +889,7 @@ def read_native(directory: str | os.PathLike, *, dtype: str = "float32"):
     with open(os.path.join(directory, CONFIG_FILE), encoding="utf-8") as file:
         values = json.load(file)
     if values.get("format") != FORMAT_NAME or values.get("version") != FORMAT_VERSION:
-        raise ValueError(
+        raise InputError(
             f"Expected format {FORMAT_NAME!r} version {FORMAT_VERSION}. Received: "
             f"format={values.get('format')!r}, version={values.get('version')!r} in {directory!r}"
         )

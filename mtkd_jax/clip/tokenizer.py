@@ -27,6 +27,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mtkd_jax.errors import InputError
+
 START_OF_TEXT = "<|startoftext|>"
 END_OF_TEXT = "<|endoftext|>"
 END_OF_WORD = "</w>"
@@ -72,7 +74,7 @@ def _read_openai_bpe(path: str) -> tuple[dict[str, int], tuple[tuple[str, str], 
 def _parse_merge(line: str, source: str) -> tuple[str, str]:
     parts = line.split()
     if len(parts) != 2:
-        raise ValueError(
+        raise InputError(
             f"A BPE merge line must hold exactly two symbols separated by a space. "
             f"Received: line={line!r} in {source!r}."
         )
@@ -157,7 +159,7 @@ class CLIPTokenizer:
         if os.path.isfile(openai_bpe):
             return cls(*_read_openai_bpe(openai_bpe))
         found = sorted(os.listdir(path)) if os.path.isdir(path) else "not a directory"
-        raise ValueError(
+        raise InputError(
             "No CLIP tokenizer files found. Expected `vocab.json` (or `vocabulary.json`) + "
             "`merges.txt`, "
             f"`tokenizer.json` or `{STANDARD_VOCAB_FILE}`. Received: path={path!r} "
@@ -169,7 +171,7 @@ class CLIPTokenizer:
         with open(path, encoding="utf-8") as file:
             model = json.load(file).get("model", {})
         if model.get("type") != "BPE":
-            raise ValueError(
+            raise InputError(
                 f"`tokenizer.json` must describe a BPE model. Received: model type "
                 f"{model.get('type')!r} in {path!r}."
             )

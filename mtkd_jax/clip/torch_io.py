@@ -31,6 +31,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from mtkd_jax.errors import InputError
+
 _LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 _READ_CHUNK_BYTES = 1 << 24
 
@@ -76,7 +78,7 @@ _STORAGE_DTYPES = {
 }
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(InputError):
     """A checkpoint's pickle names a global outside the allowlist (it would run code)."""
 
 
@@ -146,12 +148,12 @@ def _tensor_from_storage(storage: np.ndarray, offset, size, stride) -> np.ndarra
         size = tuple(int(n) for n in size)
         stride = tuple(int(s) for s in stride)
     except (TypeError, ValueError) as error:
-        raise ValueError(
+        raise InputError(
             f"Malformed tensor in checkpoint. Received: offset={offset!r}, size={size!r}, "
             f"stride={stride!r}."
         ) from error
     if len(size) != len(stride) or offset < 0 or min((*size, *stride, 0)) < 0:
-        raise ValueError(
+        raise InputError(
             f"Malformed tensor view: sizes, strides and offset must be non-negative and match. "
             f"Received: offset={offset}, size={size}, stride={stride}."
         )
@@ -160,7 +162,7 @@ def _tensor_from_storage(storage: np.ndarray, offset, size, stride) -> np.ndarra
         return np.zeros(size, storage.dtype)
     last = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True))
     if last >= storage.size:
-        raise ValueError(
+        raise InputError(
             f"Tensor view reads past its storage ({storage.size} elements). "
             f"Received: offset={offset}, size={size}, stride={stride}."
         )
@@ -195,7 +197,7 @@ def _rebuild_tensor_v3(
     storage, storage_offset, size, stride, requires_grad, backward_hooks, dtype, metadata=None
 ):
     if not isinstance(dtype, np.dtype):
-        raise ValueError(f"Unsupported tensor dtype in checkpoint. Received: dtype={dtype!r}.")
+        raise InputError(f"Unsupported tensor dtype in checkpoint. Received: dtype={dtype!r}.")
     return _tensor_from_storage(storage.view(dtype), storage_offset, size, stride)
 
 
@@ -218,7 +220,7 @@ def _rebuild_from_type_v2(function, new_type, args, state):
 
 def _unsupported_tensor(kind: str):
     def refuse(*args, **kwargs):
-        raise ValueError(
+        raise InputError(
             f"{kind} tensors are not supported by this reader; convert them to dense tensors "
             "(`tensor.to_dense()` / `tensor.dequantize()`) and save the checkpoint again."
         )
@@ -363,7 +365,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
             or persistent_id[0] != "storage"
             or not isinstance(persistent_id[1], _StorageType)
         ):
-            raise ValueError(
+            raise InputError(
                 f"Unexpected persistent reference in {self._source!r}: only tensor storages "
                 f"of a torch zip archive are supported. Received: {persistent_id!r:.200}."
             )
@@ -391,7 +393,7 @@ class _StorageReader:
             self._buffers[key] = self._read_bytes(key, numel * dtype.itemsize)
         raw = self._buffers[key]
         if raw.size != numel * dtype.itemsize:
-            raise ValueError(
+            raise InputError(
                 f"Storage {key!r} of {self._source!r} holds {raw.size} bytes, but the pickle "
                 f"declares {numel} elements of {dtype} ({numel * dtype.itemsize} bytes)."
             )
@@ -401,22 +403,22 @@ class _StorageReader:
 
     def _read_bytes(self, key: str, declared_bytes: int) -> np.ndarray:
         if "/" in key or key in ("", ".", ".."):
-            raise ValueError(f"Malformed storage key in {self._source!r}. Received: {key!r}.")
+            raise InputError(f"Malformed storage key in {self._source!r}. Received: {key!r}.")
         name = f"{self._prefix}/data/{key}"
         try:
             info = self._archive.getinfo(name)
         except KeyError:
-            raise ValueError(
+            raise InputError(
                 f"{self._source!r} references the storage {name!r}, which the archive lacks."
             ) from None
         # Check sizes before allocating, so a crafted header cannot ask for unbounded memory.
         if info.file_size != declared_bytes:
-            raise ValueError(
+            raise InputError(
                 f"Storage {name!r} of {self._source!r} holds {info.file_size} bytes, but the "
                 f"pickle declares {declared_bytes} bytes."
             )
         if info.compress_type == zipfile.ZIP_STORED and info.file_size > self._archive_bytes:
-            raise ValueError(
+            raise InputError(
                 f"Storage {name!r} claims {info.file_size} bytes, more than the whole file "
                 f"{self._source!r} ({self._archive_bytes} bytes): the archive is corrupt."
             )
@@ -427,7 +429,7 @@ class _StorageReader:
             while position < info.file_size:
                 chunk = file.read(min(_READ_CHUNK_BYTES, info.file_size - position))
                 if not chunk:
-                    raise ValueError(f"Storage {name!r} of {self._source!r} is truncated.")
+                    raise InputError(f"Storage {name!r} of {self._source!r} is truncated.")
                 view[position : position + len(chunk)] = chunk
                 position += len(chunk)
         return buffer
@@ -496,7 +498,7 @@ def flatten_state_dict(obj: Any, prefix: str = "") -> dict[str, np.ndarray]:
 
 def _raise_for_non_zip(source: str):
     if tarfile.is_tarfile(source):
-        raise ValueError(
+        raise InputError(
             f"{source!r} is a tar archive: torch's oldest (< 0.4) checkpoint format, which this "
             "reader does not support. Re-save it with a recent torch: "
             "`torch.save(torch.load(src, weights_only=True), dst)`."
@@ -507,12 +509,12 @@ def _raise_for_non_zip(source: str):
         if head[:1] == b"\x80":  # a pickle: torch's legacy (< 1.6) format, or a plain pickle
             magic = _RestrictedUnpickler(file, source, storages=None).load()
             if magic == _LEGACY_MAGIC_NUMBER:
-                raise ValueError(
+                raise InputError(
                     f"{source!r} uses torch's legacy (< 1.6) serialization, which this reader "
                     "does not support. Re-save it with torch ≥ 1.6: "
                     "`torch.save(torch.load(src, weights_only=True), dst)`."
                 )
-    raise ValueError(
+    raise InputError(
         f"{source!r} is not a PyTorch checkpoint: expected a zip archive written by torch.save "
         "(torch ≥ 1.6) or torch.jit.save."
     )
@@ -521,7 +523,7 @@ def _raise_for_non_zip(source: str):
 def _archive_prefix(archive: zipfile.ZipFile, source: str) -> str:
     pickles = [n for n in archive.namelist() if n.count("/") == 1 and n.endswith("/data.pkl")]
     if len(pickles) != 1:
-        raise ValueError(
+        raise InputError(
             f"{source!r} is a zip archive but not a PyTorch checkpoint: expected exactly one "
             f"'<archive>/data.pkl'. Received: {len(pickles)} such entries."
         )
@@ -564,7 +566,7 @@ def _torchscript_state_dict(root: Any, classes: dict, source: str) -> dict[str, 
     """`module.state_dict()` of a TorchScript module tree: each module's parameters, then its
     buffers, then its submodules' entries, in declaration order."""
     if not isinstance(root, TorchObject):
-        raise ValueError(
+        raise InputError(
             f"{source!r} is a TorchScript archive whose data is not a module. "
             f"Received: {type(root).__name__}."
         )

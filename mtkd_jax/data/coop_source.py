@@ -17,9 +17,10 @@ import os
 
 import numpy as np
 
-from mtkd_jax.data import fewshot
+from mtkd_jax.data import fewshot, images
 from mtkd_jax.data.dataset import Split
 from mtkd_jax.data.registry import SPLITS, DatasetSpec
+from mtkd_jax.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def load_split_json(path: str, images_root: str, *, strict: bool) -> tuple[dict,
     payload = fewshot.read_json(path)
     missing_keys = [s for s in SPLITS if s not in payload]
     if missing_keys:
-        raise ValueError(
+        raise InputError(
             f"The split file {path} must hold the lists {list(SPLITS)}. "
             f"Received keys: {sorted(payload)}"
         )
@@ -80,14 +81,14 @@ def load_split_json(path: str, images_root: str, *, strict: bool) -> tuple[dict,
         rel, labels = [], []
         for entry in payload[split]:
             if not (isinstance(entry, list | tuple) and len(entry) == 3):
-                raise ValueError(
+                raise InputError(
                     f"Entries of {path} must be [relative path, label, class name]. "
                     f"Received: {entry!r} in {split!r}"
                 )
             relpath, label, classname = entry
             label = int(label)
             if names.setdefault(label, classname) != classname:
-                raise ValueError(
+                raise InputError(
                     f"Label {label} has two class names in {path}: {names[label]!r} and "
                     f"{classname!r}"
                 )
@@ -97,7 +98,7 @@ def load_split_json(path: str, images_root: str, *, strict: bool) -> tuple[dict,
     num_classes = max(names) + 1 if names else 0
     unnamed = sorted(set(range(num_classes)) - set(names))
     if unnamed:
-        raise ValueError(f"Labels {unnamed} of {path} have no example in any split.")
+        raise InputError(f"Labels {unnamed} of {path} have no example in any split.")
     splits = {
         split: _path_split(images_root, rel, labels, what=f"{path} [{split}]", strict=strict)
         for split, (rel, labels) in columns.items()
@@ -120,7 +121,7 @@ def load_aircraft(base: str, *, strict: bool) -> tuple[dict, list[str]]:
                     continue
                 image_id, _, variant = line.strip().partition(" ")
                 if variant not in label_of:
-                    raise ValueError(
+                    raise InputError(
                         f"{listing} names the variant {variant!r}, which variants.txt lacks."
                     )
                 rel.append(f"{image_id}.jpg")
@@ -154,11 +155,13 @@ def _path_split(images_root: str, rel: list[str], labels: list[int], *, what: st
                 "skip them."
             )
         logger.warning(
-            "Skipping %d image(s) listed in %s that do not exist (first: %s).",
+            "Skipping %d image(s) listed in %s that do not exist:\n  %s",
             len(missing),
             what,
-            missing[0],
+            "\n  ".join(missing),
         )
+        for path in missing:
+            images.record_skipped(path, f"listed in {what} but missing")
     keep = np.flatnonzero(exists)
     return Split(
         labels=np.asarray(labels, dtype=np.int32)[keep],

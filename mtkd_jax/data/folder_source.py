@@ -18,6 +18,7 @@ import numpy as np
 from mtkd_jax import atomic
 from mtkd_jax.data import coop_source, fewshot
 from mtkd_jax.data.registry import DatasetSpec
+from mtkd_jax.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -67,14 +68,14 @@ def make_split(folder: str) -> dict:
             if f.lower().endswith(IMAGE_EXTENSIONS) and not f.startswith(".")
         )
         if not files:
-            raise ValueError(
+            raise InputError(
                 f"The class folder {os.path.join(folder, name)!r} holds no images "
                 f"({', '.join(IMAGE_EXTENSIONS)}). Add images or remove the folder."
             )
         rel += files
         labels += [label] * len(files)
     if not classes:
-        raise ValueError(f"No class folders found in {folder!r}.")
+        raise InputError(f"No class folders found in {folder!r}.")
     labels = np.asarray(labels)
     parts = fewshot.split_per_class(
         labels, len(classes), SPLIT_FRACTIONS, fewshot.stable_rng(*_SPLIT_SEED)

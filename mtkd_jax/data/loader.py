@@ -17,6 +17,7 @@ import numpy as np
 from mtkd_jax.data import coop_source, fewshot, folder_source, tfds_source
 from mtkd_jax.data.dataset import FewShotDataset, Split
 from mtkd_jax.data.registry import DatasetSpec, get_spec
+from mtkd_jax.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def load_dataset(
     """
     spec = get_spec(name)
     if source not in SOURCES:
-        raise ValueError(f"Valid data sources: {SOURCES}. Received: source={source!r}")
+        raise InputError(f"Valid data sources: {SOURCES}. Received: source={source!r}")
     cache_dir = cache_dir or fewshot.default_cache_dir()
     if spec.layout == "generated":
         return _load_shapes(spec, seed, cache_dir)

@@ -17,28 +17,27 @@ augments:
     `epochs=None`.
 `batch_size` is the global batch; each host yields `batch_size // process_count` rows.
 
-Unreadable or corrupt images are skipped, counted in `BatchIterator.skipped`, and reported once
-in a warning when the iteration ends; with `strict=True` the iteration fails instead, naming
-the file. TensorFlow never sees an accelerator (`tf_setup`).
+Image files are checked and made decodable as upright RGB by `mtkd_jax.data.images`. With
+`strict=True` (the runs' default, `--strict_data`) an unusable image stops the iteration with
+`BadImageError` naming the file and why; with `strict=False` it is skipped, listed in
+`BatchIterator.skipped`, recorded (`images.record_skipped`, for results.json) and every one of
+them is named in a warning when the iteration ends. TensorFlow never sees an accelerator
+(`tf_setup`).
 """
 
 import functools
-import io
 import logging
 import math
 from collections import deque
 
 import numpy as np
 
-from mtkd_jax.data import fewshot, preprocess
+from mtkd_jax.data import fewshot, images, preprocess
 from mtkd_jax.data.dataset import Split
 from mtkd_jax.data.tf_setup import import_tensorflow
 
 tf = import_tensorflow()
 logger = logging.getLogger(__name__)
-
-# Formats tf.io.decode_image reads; others (TIFF, WebP, ...) are converted with PIL first.
-_TF_FORMATS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 
 
 def _hosts(process_index, process_count) -> tuple[int, int]:
@@ -179,6 +178,7 @@ class BatchIterator:
         self.strict = strict
         self.min_crop_scale = min_crop_scale
         self.skipped: list[str] = []
+        self.problems: dict[str, str] = {}  # path (or id) -> why it could not be used
 
     def __len__(self) -> int:
         if self.num_batches is None:
@@ -207,19 +207,11 @@ class BatchIterator:
             return split.images[position]
         if split.kind == "encoded":
             return split.encoded[position]
-        path = split.paths[position]
+        path = str(split.paths[position])
         try:
-            if path.lower().endswith(_TF_FORMATS):
-                with open(path, "rb") as f:
-                    return f.read()
-            from PIL import Image
-
-            with Image.open(path) as image:
-                buffer = io.BytesIO()
-                image.convert("RGB").save(buffer, format="PNG")
-                return buffer.getvalue()
-        except (OSError, ValueError) as error:
-            logger.debug("Cannot read %s: %s", path, error)
+            return images.encoded_rgb(path)
+        except images.BadImageError as error:
+            self.problems.setdefault(path, error.reason)
             return None
 
     def _dataset(self, emitted: deque):
@@ -262,7 +254,13 @@ class BatchIterator:
         return ds.prefetch(tf.data.AUTOTUNE)
 
     def __iter__(self):
-        self.skipped = []
+        self.skipped, self.problems = [], {}
+        try:
+            yield from self._batches()
+        finally:  # also when the consumer stops early (a training epoch takes what it needs)
+            self._report_skipped()
+
+    def _batches(self):
         emitted: deque = deque()
         produced = 0
         for batch in self._dataset(emitted).as_numpy_iterator():
@@ -270,34 +268,43 @@ class BatchIterator:
                 break
             for position in batch.pop("position"):
                 while emitted and emitted[0] != position:
-                    self.skipped.append(str(self.split.ids[emitted.popleft()]))
+                    self._decode_failed(emitted.popleft())
                 emitted.popleft()
             self._check_strict()
             yield self._pad(batch)
             produced += 1
         if not self.training:
             # Images dropped after the last delivered one.
-            self.skipped += [str(self.split.ids[p]) for p in emitted]
-            emitted.clear()
+            while emitted:
+                self._decode_failed(emitted.popleft())
             self._check_strict()
             while produced < self.num_batches:
                 yield self._pad(None)
                 produced += 1
-        if self.skipped:
-            logger.warning(
-                "Skipped %d unreadable or corrupt image(s) (first: %s). They are left out of "
-                "every batch; pass strict data checks to fail on them instead.",
-                len(self.skipped),
-                self.skipped[0],
-            )
+
+    def _decode_failed(self, position: int) -> None:
+        """TensorFlow could not decode or transform an image that passed the file checks."""
+        split = self.split
+        self.skipped.append(str(split.ids[position]))
+        where = split.paths[position] if split.paths is not None else split.ids[position]
+        self.problems.setdefault(str(where), "TensorFlow cannot decode it (corrupt image data)")
 
     def _check_strict(self):
-        if self.strict and self.skipped:
-            raise ValueError(
-                f"Cannot read or decode the image {self.skipped[0]!r} "
-                f"({len(self.skipped)} unreadable so far). Fix or remove it, or run without strict "
-                "data checks to skip unreadable images."
-            )
+        if self.strict and self.problems:
+            path, reason = next(iter(self.problems.items()))
+            raise images.bad_image(path, reason)
+
+    def _report_skipped(self):
+        if not self.problems:
+            return
+        for path, reason in self.problems.items():
+            images.record_skipped(path, reason)
+        logger.warning(
+            "Skipped %d unusable image(s); they are left out of every batch (--strict_data "
+            "stops on them instead):\n  %s",
+            len(self.problems),
+            "\n  ".join(f"{path}: {reason}" for path, reason in self.problems.items()),
+        )
 
     def _pad(self, batch):
         """Pads a short (or missing) batch to the local batch size; adds the mask."""

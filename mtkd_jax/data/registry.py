@@ -17,6 +17,8 @@ import dataclasses
 import re
 from collections.abc import Callable
 
+from mtkd_jax.errors import InputError
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
@@ -259,11 +261,11 @@ def get_spec(name: str) -> DatasetSpec:
       ValueError: unknown name, listing the valid ones.
     """
     if not isinstance(name, str):
-        raise ValueError(f"A dataset name must be a string. Received: name={name!r}")
+        raise InputError(f"A dataset name must be a string. Received: name={name!r}")
     if name.startswith(FOLDER_PREFIX):
         root = name[len(FOLDER_PREFIX) :]
         if not root:
-            raise ValueError(
+            raise InputError(
                 "`folder:` needs the path of a folder of class folders, e.g. "
                 f"'folder:/data/my_set'. Received: name={name!r}"
             )
@@ -276,7 +278,7 @@ def get_spec(name: str) -> DatasetSpec:
             split_file="split_mtkd.json",
         )
     if name not in REGISTRY:
-        raise ValueError(
+        raise InputError(
             f"Unknown dataset. Valid names: {', '.join(DATASET_NAMES)}. Received: name={name!r}"
         )
     return REGISTRY[name]
