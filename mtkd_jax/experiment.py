@@ -115,8 +115,14 @@ class Context:
     results: dict = dataclasses.field(default_factory=dict)
 
     def epoch_seed(self, stage: str, epoch: int) -> int:
-        """The data seed of `epoch` of `stage`: a function of (seed, stage, epoch) only."""
-        return int(self.config.seed) * 1_000_003 + hash_stage(stage) * 10_007 + epoch
+        """The data seed of `epoch` of `stage`: a function of (seed, data stream, epoch) only.
+
+        Every stage-1 variant (`stage1`, `stage1_instance_only`, ...) reads the stream of
+        `stage1`, so ablations that differ in the loss see the same batches in the same order
+        with the same augmentation.
+        """
+        stream = data_stream(stage)
+        return int(self.config.seed) * 1_000_003 + hash_stage(stream) * 10_007 + epoch
 
     @property
     def trained_classes(self) -> np.ndarray:
@@ -129,6 +135,16 @@ class Context:
         mapping = np.full(self.dataset.num_classes, -1, np.int32)
         mapping[self.trained_classes] = np.arange(len(self.trained_classes), dtype=np.int32)
         return mapping
+
+
+def data_stream(stage: str) -> str:
+    """The name whose data a stage reads: "stage1" for every stage-1 variant, else the stage."""
+    return "stage1" if stage.startswith("stage1") else stage
+
+
+def student_init_seed(seed: int) -> int:
+    """The seed every fresh student is built from: a function of the run's seed only."""
+    return (int(seed) * 1_000_003 + hash_stage("student")) % (2**31 - 1)
 
 
 def hash_stage(stage: str) -> int:
@@ -479,6 +495,9 @@ def build_student(ctx: Context, *, adapter: bool):
     from mtkd_jax.clip.load import load as load_clip
 
     config, spec = ctx.config, ctx.config.student
+    # Seeded here, not drawn from Keras's global stream in turn: every student of the run (each
+    # stage-1 variant, the supervised baseline) starts from the same initial weights.
+    _import_keras().utils.set_random_seed(student_init_seed(config.seed))
     common = dict(
         use_adapter=adapter,
         adapter_reduction=config.reduction,
