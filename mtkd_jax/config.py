@@ -12,6 +12,8 @@ STAGES = ("0", "1", "2", "all")
 DTYPES = ("float32", "bfloat16")
 UNLABELED_POOLS = ("fewshot", "train")
 OPTIMIZERS = ("sgd", "adamw")
+STAGE2_CLASSES = ("base", "all")
+EPOCH_SELECTIONS = ("last", "val", "test_base")  # mtkd_jax.selection.CRITERIA
 PAPER_TEACHER = "keras_hub:clip_vit_large_patch14"
 PAPER_STUDENT = "clip:keras_hub:clip_vit_base_patch16"
 DEMO_TEACHER = "shapes"
@@ -31,6 +33,7 @@ class RunConfig:
     data_root: str = "DATA"
     tfds_data_dir: str = ""
     shots: int = 16
+    stage1_shots: int = 0
     seed: int = 1
     workdir: str = ""
     # Models.
@@ -71,6 +74,9 @@ class RunConfig:
     # Data protocol.
     unlabeled_pool: str = "fewshot"
     base_to_novel: bool = True
+    stage2_classes: str = "base"
+    epoch_selection: str = "last"
+    reference_data: bool = False
     strict_data: bool = False
     data_threads: int = 0
     # Bookkeeping.
@@ -92,6 +98,12 @@ class RunConfig:
         override = overrides.get(stage, 0)
         return override or self.epochs
 
+    @property
+    def pool_shots(self) -> int:
+        """K of stage 1's unlabeled pool when it is the few-shot set (`--stage1_shots`, else
+        `--shots`)."""
+        return self.stage1_shots or self.shots
+
     def validate(self) -> None:
         """Raises ValueError naming the first setting that cannot work, and the valid choices."""
         choices = {
@@ -99,6 +111,8 @@ class RunConfig:
             "dtype": (self.dtype, DTYPES),
             "unlabeled_pool": (self.unlabeled_pool, UNLABELED_POOLS),
             "optimizer": (self.optimizer, OPTIMIZERS),
+            "stage2_classes": (self.stage2_classes, STAGE2_CLASSES),
+            "epoch_selection": (self.epoch_selection, EPOCH_SELECTIONS),
         }
         for name, (value, valid) in choices.items():
             if value not in valid:
@@ -114,10 +128,11 @@ class RunConfig:
                 "--loss_weights takes three numbers (instance, batch, class). "
                 f"Received {self.loss_weights}."
             )
-        for name in ("teacher_epochs", "adapter_epochs", "supervised_epochs"):
+        for name in ("teacher_epochs", "adapter_epochs", "supervised_epochs", "stage1_shots"):
             if getattr(self, name) < 0:
+                default = "--shots" if name == "stage1_shots" else "--epochs"
                 raise ValueError(
-                    f"--{name} must be >= 0 (0: --epochs). Received {getattr(self, name)}."
+                    f"--{name} must be >= 0 (0: {default}). Received {getattr(self, name)}."
                 )
         if self.student and not (
             self.student in EMBEDDED_STUDENTS or self.student.startswith(STUDENT_PREFIXES)
@@ -125,6 +140,8 @@ class RunConfig:
             raise ValueError(
                 f"Unknown --student={self.student!r}. Valid kinds: {', '.join(STUDENT_KINDS)}."
             )
+        if self.eval_every < 0:
+            raise ValueError(f"--eval_every must be >= 0 (0: never). Received {self.eval_every}.")
         if self.data_threads < 0:
             raise ValueError(f"--data_threads must be >= 0. Received {self.data_threads}.")
         if not 0.0 < self.min_crop_scale <= 1.0:
