@@ -282,6 +282,7 @@ def load_data(config: RunConfig):
         tfds_data_dir=config.tfds_data_dir or None,
         seed=config.seed,
         strict=config.strict_data,
+        reference_data=config.reference_data,
     )
 
 
