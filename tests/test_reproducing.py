@@ -43,10 +43,22 @@ def _lines(workdir, stage, kind):
     return [r for r in records if r["stage"] == stage and r["kind"] == kind]
 
 
+class _FitSpy:
+    """Wraps `experiment.fit_stage`, recording what each stage trains on."""
+
+    def __init__(self, original):
+        self.original, self.seen = original, {}
+
+    def __call__(self, ctx, stage, model, loss_fn, frozen, split, **kwargs):
+        self.seen[stage] = (len(split), set(split.labels.tolist()), frozen.get("text"))
+        return self.original(ctx, stage, model, loss_fn, frozen, split, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def small_split_run(tmp_path_factory):
     """Every stage and baseline on splits smaller than the batch (1 shot of 36 classes: 36
-    unlabeled and 18 base images, batch 64), selecting epochs on the validation images."""
+    unlabeled and 18 base images, batch 64), stage 2 on all classes, epochs selected on the
+    validation images."""
     workdir = tmp_path_factory.mktemp("small")
     config = _smoke(
         workdir,
@@ -55,14 +67,19 @@ def small_split_run(tmp_path_factory):
         epochs=2,
         supervised_epochs=1,
         baselines=("supervised", "instance_only"),
+        stage2_classes="all",
         epoch_selection="val",
         eval_every=2,
     )
-    return workdir, experiment.run(config)
+    spy = _FitSpy(experiment.fit_stage)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(experiment, "fit_stage", spy)
+        results = experiment.run(config)
+    return workdir, results, spy.seen
 
 
 def test_splits_smaller_than_the_batch_train_every_stage(small_split_run):
-    workdir, results = small_split_run
+    workdir, results, _ = small_split_run
     assert results["finished"]
     for stage in ("stage0", "stage1", "stage1_instance_only", "stage2", "supervised"):
         lines = _lines(workdir, stage, "train")
@@ -78,7 +95,7 @@ def test_stage1_variants_start_from_the_same_weights_and_batches(small_split_run
     weights and the first batch) are equal for stage 1 with all levels and for the instance-only
     baseline of the same run. (The ablation flag files run stage 1 under its own name, so they
     read the same data stream and build the student from the same seed.)"""
-    workdir, _ = small_split_run
+    workdir, _, _ = small_split_run
     reference = _first_train_line(workdir, "stage1")
     first = _first_train_line(workdir, "stage1_instance_only")
     for level in LEVELS:
@@ -88,7 +105,7 @@ def test_stage1_variants_start_from_the_same_weights_and_batches(small_split_run
 
 
 def test_epochs_are_selected_on_validation_images_and_evaluated_every_n(small_split_run):
-    workdir, results = small_split_run
+    workdir, results, _ = small_split_run
     selected = results["epoch_selection"]
     assert set(selected) == {"stage1", "stage1_instance_only", "stage2", "supervised"}
     for stage, summary in selected.items():
@@ -102,26 +119,38 @@ def test_epochs_are_selected_on_validation_images_and_evaluated_every_n(small_sp
     assert "all" not in stage1[0] and {"base", "novel", "hm", "all"} <= set(stage1[1])
 
 
-def test_reference_classes_shots_and_test_selection(tmp_path, monkeypatch):
-    """--stage2_classes=all trains stage 2 on every class's shots against every class's text;
-    --stage1_shots sizes stage 1's pool alone; --epoch_selection=test_base scores base test
-    accuracy each epoch."""
-    seen = {}
-    original = experiment.fit_stage
+def test_stage2_on_all_classes_trains_on_every_class_against_every_class(small_split_run):
+    """--stage2_classes=all: stage 2 and the supervised baseline take the shots of all 36
+    classes and all 36 rows of text features; stage 0 stays on the 18 base classes."""
+    _, _, seen = small_split_run
+    for stage in ("stage2", "supervised"):
+        size, labels, text = seen[stage]
+        assert (size, labels, text.shape[0]) == (36, set(range(36)), 36), stage
+    assert seen["stage0"][1] == set(range(18))
 
-    def spy(ctx, stage, model, loss_fn, frozen, split, **kwargs):
-        seen[stage] = (len(split), set(split.labels.tolist()), frozen.get("text"))
-        return original(ctx, stage, model, loss_fn, frozen, split, **kwargs)
 
+def test_stage1_shots_and_selection_on_base_test_images(tmp_path, monkeypatch):
+    """--stage1_shots sizes stage 1's pool alone; --epoch_selection=test_base scores the base
+    classes' test accuracy every epoch."""
+    spy = _FitSpy(experiment.fit_stage)
     monkeypatch.setattr(experiment, "fit_stage", spy)
     config = _smoke(
-        tmp_path, shots=2, stage1_shots=1, stage2_classes="all", epoch_selection="test_base"
+        tmp_path,
+        stage="1",
+        teacher_prompt_length=0,
+        teacher_prompt_depth=0,
+        shots=2,
+        stage1_shots=1,
+        epochs=2,
+        epoch_selection="test_base",
     )
     results = experiment.run(config)
-    classes = 36
-    assert seen["stage0"][0] == 2 * classes // 2  # base classes only, K=2
-    assert seen["stage1"][0] == 1 * classes  # --stage1_shots=1
-    size, labels, text = seen["stage2"]
-    assert size == 2 * classes and labels == set(range(classes)) and text.shape[0] == classes
-    assert results["epoch_selection"]["stage2"]["criterion"] == "test_base"
-    assert "test_base" in _lines(tmp_path, "stage2", "eval")[0]
+    assert spy.seen["stage1"][0] == 36  # 1 shot of 36 classes, not --shots=2
+    evals = _lines(tmp_path, "stage1", "eval")
+    assert [line["epoch"] for line in evals] == [0, 1]
+    best = max(evals, key=lambda line: (line["test_base"], -line["epoch"]))
+    assert results["epoch_selection"]["stage1"] == {
+        "criterion": "test_base",
+        "epoch": best["epoch"],
+        "score": pytest.approx(best["test_base"]),
+    }
