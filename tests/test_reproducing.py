@@ -154,3 +154,22 @@ def test_stage1_shots_and_selection_on_base_test_images(tmp_path, monkeypatch):
         "epoch": best["epoch"],
         "score": pytest.approx(best["test_base"]),
     }
+
+
+def test_epoch_selector_keeps_the_first_best_epoch_and_survives_a_restart(tmp_path):
+    from mtkd_jax.selection import EpochSelector
+
+    selector = EpochSelector("val", "stage2", tmp_path)
+    weights = lambda x: ([np.full((2, 3), x, np.float32)], [np.full((3,), -x, np.float32)])  # noqa: E731
+    for epoch, score in enumerate([0.2, 0.5, 0.5, 0.4]):
+        selector.update(epoch, score, *weights(epoch))
+    assert (selector.epoch, selector.score) == (1, 0.5)  # a tie keeps the earlier epoch
+    restarted = EpochSelector("val", "stage2", tmp_path)
+    assert restarted.restore()
+    assert (restarted.epoch, restarted.score) == (1, 0.5)
+    np.testing.assert_array_equal(restarted.trainable[0], weights(1)[0][0])
+    np.testing.assert_array_equal(restarted.non_trainable[0], weights(1)[1][0])
+    restarted.discard()
+    assert not EpochSelector("val", "stage2", tmp_path).restore()
+    with pytest.raises(ValueError, match="val, test_base"):
+        EpochSelector("last", "stage2", tmp_path)
