@@ -43,8 +43,8 @@ def clip_like_logits(rng, batch, classes, scale=100.0):
     return jnp.asarray(scale * cosines, jnp.float32)
 
 
-def logit_shares(student, teacher):
-    """{level: (value, |d value / d student logits|)}."""
+@jax.jit
+def _values_and_grad_norms(student, teacher):
     out = {}
     for level in LEVELS:
 
@@ -53,8 +53,14 @@ def logit_shares(student, teacher):
                                         weights=ONE_HOT[level])[0]  # fmt: skip
 
         value, grad = jax.value_and_grad(loss)(student)
-        out[level] = (float(value), float(jnp.linalg.norm(grad)))
+        out[level] = (value, jnp.linalg.norm(grad))
     return out
+
+
+def logit_shares(student, teacher):
+    """{level: (value, |d value / d student logits|)}."""
+    out = _values_and_grad_norms(student, teacher)
+    return {level: (float(v), float(g)) for level, (v, g) in out.items()}
 
 
 def table(title, rows):
