@@ -16,6 +16,8 @@ UNLABELED_POOLS = ("fewshot", "train")
 OPTIMIZERS = ("sgd", "adamw")
 DATA_SOURCES = ("auto", "tfds", "coop")
 BASELINES = ("zero_shot", "supervised", "instance_only")
+STAGE2_CLASSES = ("base", "all")
+EPOCH_SELECTIONS = ("last", "val", "test_base")  # mtkd_jax.selection.CRITERIA
 PAPER_TEACHER = "keras_hub:clip_vit_large_patch14"
 PAPER_STUDENT = "clip:keras_hub:clip_vit_base_patch16"
 DEMO_TEACHER = "shapes"
@@ -35,6 +37,7 @@ class RunConfig:
     data_root: str = "DATA"
     tfds_data_dir: str = ""
     shots: int = 16
+    stage1_shots: int = 0
     seed: int = 1
     workdir: str = ""
     # Models.
@@ -75,6 +78,9 @@ class RunConfig:
     # Data protocol.
     unlabeled_pool: str = "fewshot"
     base_to_novel: bool = True
+    stage2_classes: str = "base"
+    epoch_selection: str = "last"
+    reference_data: bool = False
     strict_data: bool = True
     data_threads: int = 0
     # Bookkeeping.
@@ -95,6 +101,12 @@ class RunConfig:
         }
         override = overrides.get(stage, 0)
         return override or self.epochs
+
+    @property
+    def pool_shots(self) -> int:
+        """K of stage 1's unlabeled pool when it is the few-shot set (`--stage1_shots`, else
+        `--shots`)."""
+        return self.stage1_shots or self.shots
 
     def validate(self) -> None:
         """Raises InputError (a ValueError) naming the first setting that cannot work, and the
@@ -120,10 +132,11 @@ class RunConfig:
                 "--loss_weights takes three numbers (instance, batch, class). "
                 f"Received {self.loss_weights}."
             )
-        for name in ("teacher_epochs", "adapter_epochs", "supervised_epochs"):
+        for name in ("teacher_epochs", "adapter_epochs", "supervised_epochs", "stage1_shots"):
             if getattr(self, name) < 0:
+                default = "--shots" if name == "stage1_shots" else "--epochs"
                 raise InputError(
-                    f"--{name} must be >= 0 (0: --epochs). Received {getattr(self, name)}."
+                    f"--{name} must be >= 0 (0: {default}). Received {getattr(self, name)}."
                 )
         if self.student and not (
             self.student in EMBEDDED_STUDENTS or self.student.startswith(STUDENT_PREFIXES)
@@ -131,6 +144,8 @@ class RunConfig:
             raise InputError(
                 f"Unknown --student={self.student!r}. Valid kinds: {', '.join(STUDENT_KINDS)}."
             )
+        if self.eval_every < 0:
+            raise InputError(f"--eval_every must be >= 0 (0: never). Received {self.eval_every}.")
         if self.data_threads < 0:
             raise InputError(f"--data_threads must be >= 0. Received {self.data_threads}.")
         if not 0.0 < self.min_crop_scale <= 1.0:
@@ -181,6 +196,8 @@ CHOICES = {
     "optimizer": OPTIMIZERS,
     "data_source": DATA_SOURCES,
     "baselines": BASELINES,
+    "stage2_classes": STAGE2_CLASSES,
+    "epoch_selection": EPOCH_SELECTIONS,
 }
 
 

@@ -116,8 +116,14 @@ class Context:
     results: dict = dataclasses.field(default_factory=dict)
 
     def epoch_seed(self, stage: str, epoch: int) -> int:
-        """The data seed of `epoch` of `stage`: a function of (seed, stage, epoch) only."""
-        return int(self.config.seed) * 1_000_003 + hash_stage(stage) * 10_007 + epoch
+        """The data seed of `epoch` of `stage`: a function of (seed, data stream, epoch) only.
+
+        Every stage-1 variant (`stage1`, `stage1_instance_only`, ...) reads the stream of
+        `stage1`, so ablations that differ in the loss see the same batches in the same order
+        with the same augmentation.
+        """
+        stream = data_stream(stage)
+        return int(self.config.seed) * 1_000_003 + hash_stage(stream) * 10_007 + epoch
 
     @property
     def trained_classes(self) -> np.ndarray:
@@ -125,11 +131,30 @@ class Context:
         which = "base" if self.config.base_to_novel else "all"
         return self.dataset.class_ids(which)
 
-    def label_map(self) -> np.ndarray:
-        """int32 `[C]`: original label id -> row among `trained_classes` (-1 elsewhere)."""
+    @property
+    def stage2_classes(self) -> np.ndarray:
+        """Label ids that stage 2 and the supervised baseline train on (`--stage2_classes`)."""
+        if self.config.stage2_classes == "all":
+            return self.dataset.class_ids("all")
+        return self.trained_classes
+
+    def label_map(self, classes: np.ndarray | None = None) -> np.ndarray:
+        """int32 `[C]`: original label id -> row among `classes` (default `trained_classes`;
+        -1 elsewhere)."""
+        classes = self.trained_classes if classes is None else classes
         mapping = np.full(self.dataset.num_classes, -1, np.int32)
-        mapping[self.trained_classes] = np.arange(len(self.trained_classes), dtype=np.int32)
+        mapping[classes] = np.arange(len(classes), dtype=np.int32)
         return mapping
+
+
+def data_stream(stage: str) -> str:
+    """The name whose data a stage reads: "stage1" for every stage-1 variant, else the stage."""
+    return "stage1" if stage.startswith("stage1") else stage
+
+
+def student_init_seed(seed: int) -> int:
+    """The seed every fresh student is built from: a function of the run's seed only."""
+    return (int(seed) * 1_000_003 + hash_stage("student")) % (2**31 - 1)
 
 
 def hash_stage(stage: str) -> int:
@@ -258,6 +283,7 @@ def load_data(config: RunConfig):
         tfds_data_dir=config.tfds_data_dir or None,
         seed=config.seed,
         strict=config.strict_data,
+        reference_data=config.reference_data,
     )
 
 
@@ -270,11 +296,8 @@ def training_batches(ctx: Context, split, stage: str, *, labeled: bool):
     from mtkd_jax.data import pipeline
 
     batch_size = ctx.config.batch_size
-    if len(split) < batch_size:
-        raise InputError(
-            f"{stage} has {len(split)} training images, fewer than --batch_size={batch_size}. "
-            "Lower --batch_size or raise --shots."
-        )
+    # A split smaller than the batch (e.g. EuroSAT's 5 base classes at 1 shot, batch 8) trains
+    # on one masked partial batch per epoch, as Dassl keeps its partial batch.
 
     def batches_for_epoch(epoch: int):
         return pipeline.make_batches(
@@ -286,6 +309,7 @@ def training_batches(ctx: Context, split, stage: str, *, labeled: bool):
             labeled=labeled,
             strict=ctx.config.strict_data,
             min_crop_scale=ctx.config.min_crop_scale,
+            partial_batches=True,
         )
 
     return batches_for_epoch, pipeline.steps_per_epoch(len(split), batch_size, training=True)
@@ -339,11 +363,15 @@ def write_results(ctx: Context) -> None:
 # Stages
 
 
-def fit_stage(ctx: Context, stage: str, model, loss_fn, frozen, split, *, labeled: bool, epochs):
+def fit_stage(
+    ctx: Context, stage: str, model, loss_fn, frozen, split, *, labeled: bool, epochs,
+    evaluation=None,
+):  # fmt: skip
     """Trains `model`'s trainable variables with `loss_fn` by the shared loop; updates `model`.
 
     The same function serves every stage: what differs is the model (and which of its variables
-    are trainable), the loss and the data.
+    are trainable), the loss and the data. `evaluation` = `(logits_fn, labeled_classes)` of a
+    student stage turns on `--eval_every` and `--epoch_selection` (see `epoch_evaluation`).
     """
     from mtkd_jax import optim, train
 
@@ -364,6 +392,9 @@ def fit_stage(ctx: Context, stage: str, model, loss_fn, frozen, split, *, labele
         trainable, non_trainable, optimizer, seed=config.seed, mesh=ctx.mesh
     )
     step = train.make_train_step(loss_fn, optimizer, ctx.mesh, frozen=frozen)
+    eval_fn, eval_every, selector = None, 0, None
+    if evaluation is not None:
+        eval_fn, eval_every, selector = epoch_evaluation(ctx, stage, *evaluation)
     print(
         f"[{stage}] {len(split)} {'labeled' if labeled else 'unlabeled'} images, {epochs} epochs "
         f"x {steps} steps of {config.batch_size}, "
@@ -380,11 +411,90 @@ def fit_stage(ctx: Context, stage: str, model, loss_fn, frozen, split, *, labele
         resume=config.resume,
         log_every=config.log_every,
         metadata={"config": dataclasses.asdict(config)},
+        eval_fn=eval_fn,
+        eval_every=eval_every,
     )
     train.assign_to_model(model, state.trainable, state.non_trainable)
+    if selector is not None and selector.trainable is not None:
+        train.assign_to_model(model, selector.trainable, selector.non_trainable)
+        ctx.results.setdefault("epoch_selection", {})[stage] = selector.summary()
+        print(f"[{stage}] keeping epoch {selector.epoch + 1} of {epochs} "
+              f"({selector.criterion} accuracy {100 * selector.score:.2f})")  # fmt: skip
     # One compilation per stage is the contract (fixed batch shapes); recorded for the record.
     ctx.results.setdefault("train_step_compilations", {})[stage] = step.trace_count
     return model
+
+
+def epoch_evaluation(ctx: Context, stage: str, logits_fn, labeled_classes: np.ndarray):
+    """`(eval_fn, eval_every, selector)` for `train.fit` from `--eval_every` and
+    `--epoch_selection`; `(None, 0, None)` when neither asks for evaluations.
+
+    `eval_fn(state, epoch)` returns the test accuracies ("base", "novel", "hm", "all") on the
+    epochs `--eval_every` asks for and, with a selection, the criterion's score every epoch:
+    "val" (accuracy among `labeled_classes` on the few-shot validation images) or "test_base"
+    (accuracy among the base classes on their test images). `selector` (an
+    `mtkd_jax.selection.EpochSelector`, or None) then holds the best epoch's variables.
+    """
+    from mtkd_jax import selection, train
+    from mtkd_jax.data import pipeline
+
+    config = ctx.config
+    criterion = config.epoch_selection
+    if criterion == "last" and not config.eval_every:
+        return None, 0, None
+    selector = None
+    if criterion != "last":
+        selector = selection.EpochSelector(criterion, stage, ctx.workdir)
+        resuming = config.resume and checkpoint.latest(
+            checkpoint.checkpoint_dir(ctx.workdir), stage
+        )
+        if not (resuming or (config.resume and checkpoint.is_finished(ctx.workdir, stage))):
+            selector.discard()
+        elif selector.restore():
+            print(f"[{stage}] best epoch so far: {selector.epoch + 1} ({criterion})")
+    step = train.make_predict_step(logits_fn, ctx.mesh)
+    val_split = None
+    if criterion == "val":
+        _, val = ctx.dataset.few_shot(config.shots, config.seed)
+        val_split = val.subset(np.flatnonzero(np.isin(val.labels, labeled_classes)))
+
+    def predict(split):
+        batches = pipeline.make_batches(
+            split,
+            image_size=ctx.image_size,
+            batch_size=config.eval_batch_size,
+            training=False,
+            labeled=True,
+            strict=config.strict_data,
+        )
+        return train.predict(step, variables, batches, ctx.mesh)
+
+    def eval_fn(state, epoch):
+        nonlocal variables
+        variables = (state.trainable, state.non_trainable)
+        results = {}
+        every = config.eval_every and (epoch + 1) % config.eval_every == 0
+        if every or criterion == "test_base":
+            logits, labels = predict(ctx.dataset.split("test"))
+            if every:
+                results.update(base_novel_accuracies(logits, labels, ctx.dataset,
+                                                     config.base_to_novel))  # fmt: skip
+            if criterion == "test_base":
+                results["test_base"] = accuracy(logits, labels, ctx.dataset.class_ids("base"))
+        if criterion == "val":
+            logits, labels = predict(val_split)
+            results["val"] = accuracy(logits, labels, labeled_classes)
+        if selector is not None:
+            score = selector.score_of(results)
+            if score > selector.score:
+                selector.update(epoch, score, *[[np.asarray(train._host(v)) for v in part]
+                                                for part in variables])  # fmt: skip
+            results["selected_epoch"] = selector.epoch
+        variables = None  # The state's buffers are donated to the next step: keep nothing.
+        return {k: v for k, v in results.items() if not (isinstance(v, float) and np.isnan(v))}
+
+    variables = None
+    return eval_fn, (1 if selector is not None else config.eval_every), selector
 
 
 def teacher_logits_fn(ctx: Context, teacher, text_features: np.ndarray):
@@ -483,6 +593,9 @@ def build_student(ctx: Context, *, adapter: bool):
     from mtkd_jax.clip.load import load as load_clip
 
     config, spec = ctx.config, ctx.config.student
+    # Seeded here, not drawn from Keras's global stream in turn: every student of the run (each
+    # stage-1 variant, the supervised baseline) starts from the same initial weights.
+    _import_keras().utils.set_random_seed(student_init_seed(config.seed))
     common = dict(
         use_adapter=adapter,
         adapter_reduction=config.reduction,
@@ -529,7 +642,7 @@ def unlabeled_pool(ctx: Context):
     """Stage-1 images: the K-shot training set or the whole training split (labels unused)."""
     if ctx.config.unlabeled_pool == "train":
         return ctx.dataset.split("train")
-    few_shot, _ = ctx.dataset.few_shot(ctx.config.shots, ctx.config.seed)
+    few_shot, _ = ctx.dataset.few_shot(ctx.config.pool_shots, ctx.config.seed)
     return few_shot
 
 
@@ -562,6 +675,7 @@ def run_distillation_stage(ctx: Context, stage: str, loss_weights) -> object:
         unlabeled_pool(ctx),
         labeled=False,
         epochs=config.epochs_for("1"),
+        evaluation=(student_logits_fn(ctx, student), ctx.trained_classes),
     )
     save_weights_atomic(student, ctx.workdir / f"student_{stage}.weights.h5")
     return student
@@ -573,14 +687,16 @@ def run_classification_stage(ctx: Context, stage: str, student, *, epochs: int) 
 
     config = ctx.config
     few_shot, _ = ctx.dataset.few_shot(config.shots, config.seed)
-    split = ctx.dataset.subsample(few_shot, "base" if config.base_to_novel else "all")
+    classes = ctx.stage2_classes
+    split = few_shot.subset(np.flatnonzero(np.isin(few_shot.labels, classes)))
     frozen = {
-        "text": jnp.asarray(ctx.text_features[ctx.trained_classes]),
+        "text": jnp.asarray(ctx.text_features[classes]),
         "scale": jnp.float32(ctx.logit_scale),
-        "label_map": jnp.asarray(ctx.label_map()),
+        "label_map": jnp.asarray(ctx.label_map(classes)),
     }
     loss_fn = stages.classification_loss(student)
-    fit_stage(ctx, stage, student, loss_fn, frozen, split, labeled=True, epochs=epochs)
+    fit_stage(ctx, stage, student, loss_fn, frozen, split, labeled=True, epochs=epochs,
+              evaluation=(student_logits_fn(ctx, student), classes))  # fmt: skip
     save_weights_atomic(student, ctx.workdir / f"student_{stage}.weights.h5")
     return student
 

@@ -35,6 +35,8 @@ HELP = {
     "data_root": "Root of the CoOp-style DATA/ folder (coop and medical datasets).",
     "tfds_data_dir": "TFDS data_dir; empty for TFDS's default.",
     "shots": "K: labeled images per class for stage 0 and stage 2.",
+    "stage1_shots": "K of stage 1's unlabeled pool when --unlabeled_pool=fewshot (0: --shots). "
+    "The reference trains stage 1 once on 5 shots and stage 2 at each K.",
     "seed": "Seed of the few-shot sample, the data order and the initialisation.",
     "workdir": "Where flags, metrics, checkpoints, results and the exported model go "
     "(default: runs/<dataset>_<shots>shot_seed<seed>).",
@@ -83,12 +85,22 @@ HELP = {
     "unlabeled_pool": "Stage-1 images: fewshot (the K-shot set, labels dropped) or train "
     "(the whole training split, labels dropped).",
     "base_to_novel": "Train stages 0 and 2 on the base classes only and report base/novel/HM.",
+    "stage2_classes": "Stage 2 and the supervised baseline train on the shots of the base "
+    "classes against the base classes' text features (base), or of all classes against all "
+    "(all, the reference's; novel accuracy then no longer measures transfer to unseen classes).",
+    "epoch_selection": "Which epoch each student stage keeps: last, val (best accuracy on the "
+    "held-out few-shot validation images) or test_base (best base accuracy on TEST images, as "
+    "the reference's Dassl best_val does; selection on test images, optimistic).",
+    "reference_data": "Use the reference's own data files when present: Dassl's "
+    "split_fewshot/shot_<K>-seed_<S>.pkl few-shot samples (read safely) and the MTKD medical "
+    "split files (split_BACH.json, split_brain.json, split_eyedr.json) with folder class names.",
     "strict_data": "Stop on the first unusable image file (empty, not an image, truncated, "
     "corrupt, too large), naming it. --nostrict_data skips such files instead and lists each in "
     "the log and in results.json (skipped_images).",
     "data_threads": "TensorFlow op threads for the input pipeline (0: TensorFlow's default). On a "
     "small CPU machine 1 leaves the cores to XLA; the demo uses 1.",
-    "eval_every": "Also evaluate every N epochs (0: only after each stage).",
+    "eval_every": "Also evaluate each student stage on the test images every N epochs, into "
+    "metrics.jsonl (kind eval; 0: only after each stage).",
     "log_every": "Steps between metric logs (and host syncs).",
     "resume": "Continue the run found in --workdir from its last checkpoint.",
     "overwrite": "Start afresh in a --workdir that holds this run's stages: --stage=all removes "

@@ -309,3 +309,21 @@ def markdown_table(
             average += [_percent(means[m]) for m in metrics]
         lines.append("| " + " | ".join(average) + " |")
     return "\n".join(lines)
+
+
+def methods_table(per_method: Mapping[str, Mapping[str, Mapping]]) -> str:
+    """One dataset's methods as rows, base / novel / HM / all as "mean ± std" columns (percent).
+
+    Args:
+        per_method: `aggregate(...)[dataset]`: `{method: {metric: {"mean", "std", "n"}}}`.
+    """
+    lines = [
+        "| method | " + " | ".join(METRIC_TITLES[m] for m in METRICS) + " | runs |",
+        "| --- | " + " | ".join(":---:" for _ in METRICS) + " | ---: |",
+    ]
+    for method in ordered_methods(per_method):
+        stats = per_method[method]
+        runs = max((s["n"] for s in stats.values()), default=0)
+        cells = [_cell(stats.get(metric)) for metric in METRICS]
+        lines.append(f"| `{method}` | " + " | ".join(cells) + f" | {runs} |")
+    return "\n".join(lines)

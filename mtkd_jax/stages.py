@@ -61,6 +61,14 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, where: jax.Array | None)
     return jnp.sum(per_example * where) / jnp.maximum(jnp.sum(where), 1.0)
 
 
+def _masked_mean(values: jax.Array, where: jax.Array | None) -> jax.Array:
+    """Mean of `values` `[batch]` over the real rows (`where` True; None: all rows)."""
+    if where is None:
+        return jnp.mean(values)
+    where = where.astype(jnp.float32)
+    return jnp.sum(values * where) / jnp.maximum(jnp.sum(where), 1.0)
+
+
 def teacher_logits_fn(teacher) -> Callable:
     """`fn(teacher_vars, images, text_features, scale) -> [batch, classes]` of a frozen teacher.
 
@@ -125,7 +133,10 @@ def classification_loss(student) -> Callable:
         logits = class_logits(features, frozen["text"], frozen["scale"])
         labels = frozen["label_map"][batch["labels"]]
         loss = cross_entropy(logits, labels, batch.get("mask"))
-        accuracy = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+        correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+        where = batch.get("mask")
+        where = jnp.ones_like(correct) if where is None else where.astype(jnp.float32)
+        accuracy = jnp.sum(correct * where) / jnp.maximum(jnp.sum(where), 1.0)
         return loss, (new_non_trainable, {"ce": loss, "train_accuracy": accuracy})
 
     return loss_fn
@@ -161,7 +172,8 @@ def teacher_prompt_loss(
         text = teacher.stateless_encode_text(trainable, non_trainable, frozen["token_ids"])
         logits = class_logits(image, text, frozen["scale"])
         labels = frozen["label_map"][batch["labels"]]
-        ce = cross_entropy(logits, labels, batch.get("mask"))
+        where = batch.get("mask")
+        ce = cross_entropy(logits, labels, where)
         measurements = {"ce": ce}
         loss = ce
         if regularise:
@@ -171,10 +183,13 @@ def teacher_prompt_loss(
             plain_image = jax.lax.stop_gradient(plain_image)
             plain_logits = class_logits(plain_image, frozen["plain_text"], frozen["scale"])
             text_l1 = jnp.mean(jnp.abs(normalize(text) - normalize(frozen["plain_text"])))
-            image_l1 = jnp.mean(jnp.abs(normalize(image) - normalize(plain_image)))
+            image_l1 = _masked_mean(
+                jnp.mean(jnp.abs(normalize(image) - normalize(plain_image)), axis=-1), where
+            )
             log_p = jax.nn.log_softmax(logits)
             log_q = jax.nn.log_softmax(plain_logits)
-            logit_kl = jnp.sum(jnp.exp(log_q) * (log_q - log_p)) / logits.size
+            row_kl = jnp.sum(jnp.exp(log_q) * (log_q - log_p), axis=-1) / logits.shape[-1]
+            logit_kl = _masked_mean(row_kl, where)
             loss = ce + text_weight * text_l1 + image_weight * image_l1 + logit_weight * logit_kl
             measurements.update(reg_text_l1=text_l1, reg_image_l1=image_l1, reg_logit_kl=logit_kl)
         return loss, (non_trainable, measurements)

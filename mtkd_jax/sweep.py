@@ -246,13 +246,16 @@ def summarize(
     results = collect_results(workdir_root)
     if not results:
         return ""
-    table = report.markdown_table(report.aggregate(results), methods)
+    aggregated = report.aggregate(results)
+    table = report.markdown_table(aggregated, methods)
     datasets = sorted({str(r["dataset"]) for r in results})
     caption = (
         f"MTKD sweep over {len(results)} runs ({', '.join(datasets)}); accuracy in percent, "
         "mean ± sample std over seeds."
     )
     text = f"{caption}\n\n{table}\n"
+    for dataset, per_method in aggregated.items():  # Per dataset, one row per method.
+        text += f"\n{dataset}, every method and metric:\n\n{report.methods_table(per_method)}\n"
     atomic.write_text(output, text)
     return text
 

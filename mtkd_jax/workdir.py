@@ -36,6 +36,11 @@ OWNED_FILES = (
     "results.json",
     "results.png",
     "student.keras",
+    # --epoch_selection's best epoch per student stage (mtkd_jax.selection.BEST_FILE).
+    "stage1_best_epoch.npz",
+    "stage1_instance_only_best_epoch.npz",
+    "stage2_best_epoch.npz",
+    "supervised_best_epoch.npz",
 )
 OWNED_DIRS = ("checkpoints", "tensorboard")
 OWNED_ENTRIES = OWNED_FILES + OWNED_DIRS

@@ -194,3 +194,21 @@ def test_shapes_world_loads_as_in_memory_splits(monkeypatch, tmp_path):
     np.testing.assert_allclose(batch["images"], want, atol=1e-5)
     big = list(make_batches(test, image_size=64, batch_size=12, training=True))
     assert big[0]["images"].shape == (12, 64, 64, 3)
+
+
+def test_partial_batches_give_each_example_of_a_small_split_once_per_epoch():
+    """EuroSAT's shape at 1 shot: 5 base images, batch 8. One batch per epoch, the 5 real rows
+    each once (mask True), the 3 pad rows copies of real ones (mask False)."""
+    split = _indexed_split(5)
+    batches = list(
+        make_batches(
+            split, image_size=8, batch_size=8, training=True, epochs=3, partial_batches=True
+        )
+    )
+    assert len(batches) == 3
+    for batch in batches:
+        assert batch["mask"].tolist() == [True] * 5 + [False] * 3
+        indices = _indices_of(batch)
+        assert sorted(indices[:5]) == list(range(5))
+        assert set(indices[5:]) <= set(indices[:5])
+        np.testing.assert_array_equal(batch["labels"][:5], indices[:5] % 5)

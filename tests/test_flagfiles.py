@@ -126,3 +126,23 @@ def test_demo_flags_are_the_run_without_flags(monkeypatch):
     assert _config(REPO / "flags" / "demo.flags", monkeypatch) == main_lib.config_from_flags(
         no_flags
     )
+
+
+@pytest.mark.parametrize("name", DATASET_FILES)
+def test_reference_protocol_on_top_of_each_dataset_file(name, monkeypatch):
+    """`--flagfile=flags/<dataset>.flags --flagfile=flags/reference.flags`, as each dataset
+    file's header says: the dataset and its KD weight stay, the reference's choices are on."""
+    monkeypatch.chdir(REPO)
+    flag_values = copy.deepcopy(flags.FLAGS)
+    flag_values(["main", f"--flagfile=flags/{name}.flags", "--flagfile=flags/reference.flags"])
+    config = main_lib.config_from_flags(flag_values)
+    own = _config(REPO / "flags" / f"{name}.flags", monkeypatch)
+    assert (config.dataset, config.kd_weight) == (name, own.kd_weight)
+    assert (config.stage2_classes, config.epoch_selection) == ("all", "test_base")
+    assert (config.stage1_shots, config.reference_data) == (5, True)
+    assert (own.stage2_classes, own.epoch_selection, own.stage1_shots) == ("base", "last", 0)
+    header = (REPO / "flags" / f"{name}.flags").read_text()
+    assert "--flagfile=flags/reference.flags" in header
+    # Where the KD weight comes from: the reference's README (dtd) or its default.
+    source = "README" if name == "dtd" else "train.py extend_cfg"
+    assert f"# KD weight: {own.kd_weight:g}" in header and source in header

@@ -196,3 +196,15 @@ def test_markdown_table_selects_methods_and_falls_back_to_all_accuracy():
     assert rows == [["eurosat", f"65.00 ± {100 * std:.2f}"], ["Average", "65.00"]]
     with pytest.raises(ValueError, match="No results for methods \\['nope'\\]"):
         report.markdown_table(stats, methods=["nope"])
+
+
+def test_methods_table_has_a_row_per_method_with_all_four_metrics():
+    runs = [
+        _results("shapes", seed, student_stage2=report.accuracy_row(b, n, a))
+        for seed, (b, n, a) in enumerate([(0.5, 0.6, 0.3), (0.7, 0.8, 0.5)], start=1)
+    ]
+    header, _, rows = _parse_markdown(report.methods_table(report.aggregate(runs)["shapes"]))
+    assert header == ["method", "Base", "Novel", "HM", "All", "runs"]
+    # all: mean 40.00, sample std of (30, 50) = 14.14.
+    assert rows == [["`student_stage2`", "60.00 ± 14.14", "70.00 ± 14.14", rows[0][3],
+                     "40.00 ± 14.14", "2"]]  # fmt: skip

@@ -133,6 +133,7 @@ def test_the_readme_says_exactly_what_overwrite_removes():
     section = section[: section.index("\n\n")]
     for name in workdir_lib.OWNED_FILES + workdir_lib.OWNED_DIRS:
         shown = name.replace("stage1_instance_only", "<stage>").replace("supervised", "<stage>")
+        shown = shown.replace("stage1_best", "<stage>_best").replace("stage2_best", "<stage>_best")
         shown = shown.replace("student_stage1.", "student_<stage>.").replace(
             "student_stage2.", "student_<stage>."
         )

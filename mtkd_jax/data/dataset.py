@@ -110,6 +110,9 @@ class FewShotDataset:
       templates: prompt templates with one `{}` each.
       splits: "train" / "val" / "test" -> Split.
       cache_dir: root of the few-shot cache (samples go to `<cache_dir>/fewshot/`).
+      reference_fewshot_dir: the dataset's folder in the authors' DATA/ layout; when set,
+        `few_shot` reads Dassl's `split_fewshot/shot_<K>-seed_<S>.pkl` there if it exists
+        (`mtkd_jax.data.reference`), so the shots are the reference's own images.
     """
 
     name: str
@@ -118,6 +121,7 @@ class FewShotDataset:
     templates: list[str]
     splits: dict[str, Split]
     cache_dir: str | None = None
+    reference_fewshot_dir: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -165,8 +169,19 @@ class FewShotDataset:
         Returns:
           (train Split `[<= K*C]`, val Split `[<= min(K,4)*C]`), labels kept.
         """
-        path = self.few_shot_cache_path(k, seed, cache_dir)
         train, val = self.split("train"), self.split("val")
+        if self.reference_fewshot_dir:
+            from mtkd_jax.data import reference
+
+            pickle_path = reference.dassl_fewshot_path(self.reference_fewshot_dir, k, seed)
+            if os.path.isfile(pickle_path):
+                records = reference.read_dassl_fewshot(pickle_path)
+                return tuple(
+                    split.subset(reference.match_records(split, records[key], what=pickle_path))
+                    for key, split in (("train", train), ("val", val))
+                )
+            logger.warning("No reference few-shot file %s; sampling our own.", pickle_path)
+        path = self.few_shot_cache_path(k, seed, cache_dir)
         cached = _read_cache(path, train, val)
         if cached is not None:
             train_pos, val_pos = cached

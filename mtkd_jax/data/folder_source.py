@@ -86,9 +86,19 @@ def make_split(folder: str) -> dict:
     }
 
 
-def load(spec: DatasetSpec, root: str, *, strict: bool, cache_dir: str):
-    """Splits and readable class names; creates and saves the split on first use."""
+def load(spec: DatasetSpec, root: str, *, strict: bool, cache_dir: str, reference: bool = False):
+    """Splits and readable class names; creates and saves the split on first use.
+
+    With `reference`, the authors' split file (`spec.reference_split_file`, e.g.
+    `DATA/bach/split_BACH.json`) is read when present, with its class names as written there
+    (the folder names) instead of ours.
+    """
     folder = images_root(spec, root)
+    if reference and spec.reference_split_file:
+        theirs = os.path.join(root, spec.coop_dir, spec.reference_split_file)
+        if os.path.isfile(theirs):
+            return coop_source.load_split_json(theirs, folder, strict=strict)
+        logger.warning("No reference split file %s; using ours.", theirs)
     path = split_path(spec, root)
     fallback = _fallback_split_path(spec, cache_dir)
     if not os.path.exists(path) and os.path.exists(fallback):

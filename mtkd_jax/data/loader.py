@@ -38,6 +38,7 @@ def load_dataset(
     seed: int = 1,
     strict: bool = False,
     cache_dir: str | None = None,
+    reference_data: bool = False,
 ) -> FewShotDataset:
     """Loads a dataset by name from the chosen source.
 
@@ -51,6 +52,8 @@ def load_dataset(
       seed: seed of the generated shapes world (the other sets' splits are fixed).
       strict: fail on listed images that are missing instead of skipping them with a warning.
       cache_dir: root of the few-shot cache (default `$MTKD_CACHE_DIR` or `~/.cache/mtkd_jax`).
+      reference_data: read the authors' data files when present (`mtkd_jax.data.reference`):
+        Dassl's few-shot pickles and the MTKD medical split files with folder class names.
 
     Raises:
       ValueError: unknown name or source.
@@ -74,7 +77,9 @@ def load_dataset(
         if source == "auto":
             logger.info("Data source for %s: CoOp layout under %s", name, root)
         if folders:
-            splits, classnames = folder_source.load(spec, root, strict=strict, cache_dir=cache_dir)
+            splits, classnames = folder_source.load(
+                spec, root, strict=strict, cache_dir=cache_dir, reference=reference_data
+            )
         else:
             splits, classnames = coop_source.load(spec, root, strict=strict)
         kind = "folders" if folders else "coop"
@@ -101,6 +106,9 @@ def load_dataset(
         templates=list(spec.templates),
         splits=splits,
         cache_dir=cache_dir,
+        reference_fewshot_dir=(
+            os.path.join(root, spec.coop_dir) if reference_data and kind != "tfds" else None
+        ),
     )
 
 

@@ -14,7 +14,10 @@ augments:
   * training: a reshuffled permutation per epoch (seeded, identical on all hosts, each host
     taking its own slice), cut into full batches as one continuous stream, so a split smaller
     than a batch still gives full batches; `epochs * steps_per_epoch` batches, or endless with
-    `epochs=None`.
+    `epochs=None`. With `partial_batches=True` a split smaller than the batch gives instead one
+    batch per epoch holding each of its examples once (as Dassl keeps the partial batch), the
+    rest of the rows filled with copies of real ones and "mask" False on them, so losses that
+    honour the mask see each example once and BatchNorm statistics see real images only.
 `batch_size` is the global batch; each host yields `batch_size // process_count` rows.
 
 Image files are checked and made decodable as upright RGB by `mtkd_jax.data.images`. With
@@ -91,6 +94,7 @@ def make_batches(
     process_count: int | None = None,
     strict: bool = False,
     min_crop_scale: float = preprocess.CROP_SCALE[0],
+    partial_batches: bool = False,
 ) -> "BatchIterator":
     """An iterable of batches of `split` (see the module docstring for their content).
 
@@ -106,6 +110,9 @@ def make_batches(
       strict: fail naming the file on the first unreadable image instead of skipping it.
       min_crop_scale: the smallest area of the training random resized crop, as a fraction of
         the image (torchvision's and the paper's 0.08).
+      partial_batches: training on a split with fewer examples per host than the local batch:
+        one masked batch per epoch (see the module docstring) instead of batches that wrap
+        around into the next epoch's order.
     """
     if not isinstance(split, Split):
         raise ValueError(f"make_batches needs a Split. Received: {type(split).__name__}")
@@ -141,6 +148,7 @@ def make_batches(
         process_count=count,
         strict=strict,
         min_crop_scale=min_crop_scale,
+        partial_batches=partial_batches,
     )
 
 
@@ -165,6 +173,7 @@ class BatchIterator:
         process_count: int,
         strict: bool,
         min_crop_scale: float = preprocess.CROP_SCALE[0],
+        partial_batches: bool = False,
     ):
         self.split = split
         self.image_size = image_size
@@ -177,6 +186,11 @@ class BatchIterator:
         self.process_count = process_count
         self.strict = strict
         self.min_crop_scale = min_crop_scale
+        per_host = len(split) // process_count
+        # A training split smaller than the batch: one partial batch per epoch (then padded).
+        self.epoch_batch = (
+            per_host if training and partial_batches and per_host < local_batch else None
+        )
         self.skipped: list[str] = []
         self.problems: dict[str, str] = {}  # path (or id) -> why it could not be used
 
@@ -250,7 +264,7 @@ class BatchIterator:
             deterministic=True,
         )
         ds = ds.ignore_errors()
-        ds = ds.batch(self.local_batch, drop_remainder=self.training)
+        ds = ds.batch(self.epoch_batch or self.local_batch, drop_remainder=self.training)
         return ds.prefetch(tf.data.AUTOTUNE)
 
     def __iter__(self):
@@ -319,6 +333,9 @@ class BatchIterator:
         if batch is not None:
             for key in out:
                 out[key][:n] = batch[key]
+        if self.epoch_batch and n:  # Training: fill with copies of real rows (masked out).
+            for key in out:
+                out[key][n:] = batch[key][np.arange(b - n) % n]
         out["mask"] = np.arange(b) < n
         return out
 

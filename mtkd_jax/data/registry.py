@@ -69,6 +69,8 @@ class DatasetSpec:
       coop_dir: folder under the data root (CoOp: `DATA/<coop_dir>`).
       image_dir: images folder inside `coop_dir` ("" for the folder itself).
       split_file: the split JSON inside `coop_dir`, or None.
+      reference_split_file: the authors' own split JSON there (MTKD's medical sets), read with
+        `--reference_data`.
       layout: "coop" (split JSON), "aircraft" (images_variant_*.txt), "class_folders"
         (medical sets and `folder:` roots: split created on first use), "generated" (shapes).
       renames: normalised raw name -> readable class name.
@@ -83,6 +85,7 @@ class DatasetSpec:
     coop_dir: str | None = None
     image_dir: str = "images"
     split_file: str | None = None
+    reference_split_file: str | None = None
     layout: str = "coop"
     renames: dict[str, str] = dataclasses.field(default_factory=dict)
     namer: Callable[[str], str] | None = None
@@ -207,6 +210,7 @@ _SPECS = [
         coop_dir="bach",
         layout="class_folders",
         split_file="split_mtkd_bach.json",
+        reference_split_file="split_BACH.json",
         renames={
             "Normal": "normal tissue",
             "Benign": "benign tumour",
@@ -220,6 +224,7 @@ _SPECS = [
         coop_dir="brain",
         layout="class_folders",
         split_file="split_mtkd_brain.json",
+        reference_split_file="split_brain.json",
         renames={
             "glioma": "glioma tumour",
             "glioma_tumor": "glioma tumour",
@@ -237,6 +242,7 @@ _SPECS = [
         coop_dir="eyedr",
         layout="class_folders",
         split_file="split_mtkd_eyedr.json",
+        reference_split_file="split_eyedr.json",
         renames={
             "No_DR": "no diabetic retinopathy",
             "Mild": "mild diabetic retinopathy",
