@@ -283,7 +283,7 @@ def _main(*args, timeout=300):
     "flags, message",
     [
         (["--dataset=nope"], "oxford_pets"),
-        (["--stage=3"], "--stage='3' is not one of 0, 1, 2, all"),
+        (["--stage=3"], "--stage=3: value should be one of <0|1|2|all>"),
         (["--loss_weights=1,0"], "three numbers"),
         (["--temperatures=1,x"], "comma-separated numbers"),
         (["--student=resnet9", "--stage=1", "--teacher_prompt_length=0"], "Valid kinds"),
