@@ -73,6 +73,22 @@ def test_training_hosts_take_disjoint_slices_of_one_shared_permutation():
     assert set(epoch[0]).isdisjoint(epoch[1])
 
 
+def test_hosts_blocks_of_each_training_batch_make_the_single_host_batch():
+    # 3 processes x 2 rows = the single host's 6 rows, in process order, augmentation included,
+    # across an epoch boundary (10 examples, batches of 6): any number of hosts trains alike.
+    split = _indexed_split(10)
+    kwargs = dict(image_size=8, batch_size=6, training=True, seed=5, epochs=3)
+    single = list(make_batches(split, process_index=0, process_count=1, **kwargs))
+    per_host = [
+        list(make_batches(split, process_index=p, process_count=3, **kwargs)) for p in range(3)
+    ]
+    assert len(single) == 3 * 1 and all(len(batches) == len(single) for batches in per_host)
+    for step, batch in enumerate(single):
+        for key in ("images", "labels"):
+            joined = np.concatenate([batches[step][key] for batches in per_host])
+            np.testing.assert_array_equal(joined, batch[key])
+
+
 def _order_key(batch):
     # Random crops of a constant image keep its value: the index survives augmentation.
     return _indices_of(batch)
