@@ -7,6 +7,7 @@ dataset (teacher, student, workdir), so the embedded offline demo needs no flag 
 
 import dataclasses
 import math
+import re
 
 from mtkd_jax.errors import InputError
 
@@ -54,6 +55,10 @@ class RunConfig:
     min_crop_scale: float = 0.08
     dtype: str = "float32"
     multihost: bool = False
+    coordinator_address: str = ""
+    num_processes: int = 0
+    process_id: int = -1
+    local_device_ids: tuple[int, ...] = ()
     # Optimisation (paper: SGD 0.9, wd 5e-4, lr 0.005, 1 warm-up epoch at 1e-5, cosine, 20 ep).
     optimizer: str = "sgd"
     lr: float = 0.005
@@ -154,6 +159,42 @@ class RunConfig:
             raise InputError(f"--residual_ratio must be in [0, 1]. Received {self.residual_ratio}.")
         if not all(math.isfinite(v) for v in (self.lr, self.kd_weight, self.weight_decay)):
             raise InputError("--lr, --kd_weight and --weight_decay must be finite numbers.")
+        self._validate_launch()
+
+    def _validate_launch(self) -> None:
+        """The multi-process launch flags (`jax.distributed.initialize`'s arguments)."""
+        given = [
+            name
+            for name, unset in (
+                ("coordinator_address", ""),
+                ("num_processes", 0),
+                ("process_id", -1),
+                ("local_device_ids", ()),
+            )
+            if getattr(self, name) != unset
+        ]
+        if given and not self.multihost:
+            raise InputError(
+                f"--{given[0]} starts a multi-process run and needs --multihost too. Received "
+                f"{', '.join(f'--{name}={getattr(self, name)}' for name in given)} without "
+                "--multihost."
+            )
+        if self.num_processes < 0 or self.process_id < -1:
+            raise InputError(
+                "--num_processes must be >= 1 (0: detect) and --process_id >= 0 (-1: detect). "
+                f"Received --num_processes={self.num_processes} --process_id={self.process_id}."
+            )
+        if 0 < self.num_processes <= self.process_id:
+            raise InputError(
+                f"--process_id must be below --num_processes={self.num_processes} (processes "
+                f"count from 0). Received --process_id={self.process_id}."
+            )
+        address = self.coordinator_address
+        if address and not re.fullmatch(r"\[?[^\s/]+\]?:\d{1,5}", address):
+            raise InputError(
+                "--coordinator_address is HOST:PORT of process 0 (e.g. 10.0.0.1:1234). "
+                f"Received {address!r}."
+            )
 
 
 # The offline demo (`python -m mtkd_jax.main` with no flags, `flags/demo.flags`): the settings

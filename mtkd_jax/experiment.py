@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtkd_jax import atomic, checkpoint, quiet, report, stages
+from mtkd_jax import atomic, checkpoint, distributed, quiet, report, stages
 from mtkd_jax.config import STUDENT_KINDS, RunConfig, with_dataset_defaults
 from mtkd_jax.errors import InputError
 
@@ -58,15 +58,24 @@ def _import_keras():
 
 
 def save_npz_atomic(path: Path, **arrays) -> None:
-    """`np.savez` (no pickles) to `path`, atomically."""
-    with atomic.replacing(path, suffix=".npz") as tmp:
-        np.savez(tmp, **{k: np.asarray(v) for k, v in arrays.items()})
+    """`np.savez` (no pickles) to `path`, atomically; by process 0 of a multi-process run."""
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+
+    def write():
+        with atomic.replacing(path, suffix=".npz") as tmp:
+            np.savez(tmp, **arrays)
+
+    distributed.on_primary(write, what=f"writing {path}")
 
 
 def save_weights_atomic(model, path: Path) -> None:
-    """`model.save_weights` (Keras .weights.h5) to `path`, atomically."""
-    with atomic.replacing(path, suffix=".weights.h5") as tmp:
-        model.save_weights(str(tmp))
+    """`model.save_weights` (Keras .weights.h5) to `path`, atomically; by process 0."""
+
+    def write():
+        with atomic.replacing(path, suffix=".weights.h5") as tmp:
+            model.save_weights(str(tmp))
+
+    distributed.on_primary(write, what=f"writing {path}")
 
 
 def accuracy(logits: np.ndarray, labels: np.ndarray, class_ids: np.ndarray) -> float:
@@ -352,11 +361,12 @@ def evaluate_method(ctx: Context, method: str, logits_fn, variables) -> dict[str
 
 
 def write_results(ctx: Context) -> None:
-    """Writes `results.json` (atomically) with what has been measured so far."""
+    """Writes `results.json` (atomically) with what has been measured so far; by process 0."""
     from mtkd_jax.data import images
 
     ctx.results["skipped_images"] = images.skipped_images()  # {path: reason}, --nostrict_data
-    atomic.write_json(ctx.workdir / RESULTS_FILE, ctx.results)
+    path = ctx.workdir / RESULTS_FILE
+    distributed.on_primary(lambda: atomic.write_json(path, ctx.results), what=f"writing {path}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -872,17 +882,22 @@ def run(config: RunConfig) -> dict:
     config = with_dataset_defaults(config)  # An empty workdir never means the current directory.
     config.validate()
     if config.multihost:
-        import jax
-
-        jax.distributed.initialize()
-    workdir = _prepare_workdir(config)
+        distributed.initialize(
+            coordinator_address=config.coordinator_address,
+            num_processes=config.num_processes,
+            process_id=config.process_id,
+            local_device_ids=config.local_device_ids,
+        )
+    # Process 0 checks and prepares the workdir (shared storage) while the others wait.
+    distributed.on_primary(lambda: _prepare_workdir(config), what="preparing the workdir")
+    workdir = Path(config.workdir)
     from mtkd_jax.data import images
 
     images.reset_skipped()
     keras.utils.set_random_seed(config.seed)
     mesh = train.make_mesh()
     _check_devices(config, mesh)
-    dataset = load_data(config)
+    dataset = distributed.primary_first(lambda: load_data(config), what="loading the dataset")
     stages_to_run = _stages_to_run(config)
     run_stage0 = "0" in stages_to_run and not (config.stage == "all" and config.teacher_prompts)
     prompt_length = config.teacher_prompt_length
@@ -910,6 +925,7 @@ def run(config: RunConfig) -> dict:
         seed=config.seed,
         config=dataclasses.asdict(config),
         devices=int(mesh.devices.size),
+        processes=distributed.process_count(),
     )
     ctx.results.setdefault("methods", {})
     ctx.results["finished"] = False  # Until finish(): a sweep neither skips nor averages it.
@@ -974,7 +990,8 @@ def finish(ctx: Context) -> None:
     """Writes results.json (now marked finished) and results.png; prints the results table."""
     ctx.results["finished"] = True
     write_results(ctx)
-    report.plot_results(ctx.results, ctx.workdir / PLOT_FILE)
+    plot = ctx.workdir / PLOT_FILE
+    distributed.on_primary(lambda: report.plot_results(ctx.results, plot), what=f"writing {plot}")
     print(report.format_results_table(ctx.results))
     print(f"Results: {ctx.workdir / RESULTS_FILE}, plot: {ctx.workdir / PLOT_FILE}")
 
@@ -983,13 +1000,17 @@ def export_student(ctx: Context, student) -> Path:
     """Writes `<workdir>/student.keras`: the deployable student with its classes."""
     from mtkd_jax.export import export_classifier
 
-    path = export_classifier(
-        student,
-        ctx.text_features,
-        ctx.logit_scale,
-        list(ctx.dataset.classnames),
-        ctx.image_size,
-        ctx.workdir / EXPORT_FILE,
+    path = ctx.workdir / EXPORT_FILE
+    distributed.on_primary(
+        lambda: export_classifier(
+            student,
+            ctx.text_features,
+            ctx.logit_scale,
+            list(ctx.dataset.classnames),
+            ctx.image_size,
+            path,
+        ),
+        what=f"exporting {path}",
     )
     print(f"[export] {path} (predict with: python -m mtkd_jax.predict --model={path} IMAGE...)")
     return path

@@ -18,11 +18,12 @@ from absl import app, flags
 
 from mtkd_jax import config as config_lib
 from mtkd_jax import errors
+from mtkd_jax.distributed import PrimaryProcessError
 
 # Errors that mean "the input, the run's state or the machine is not right": one line each.
 # OSError covers what the system refuses (a missing file, permissions, a full disk); everything
 # else is an mtkd_jax bug and keeps its traceback.
-USER_ERRORS = (errors.UserError, OSError)
+USER_ERRORS = (errors.UserError, OSError, PrimaryProcessError)
 BUG_REPORT = (
     "This is a bug in mtkd_jax, not a problem with your settings: please report it with the "
     "command line and the traceback above."
@@ -58,7 +59,13 @@ HELP = {
     "image (the paper's 0.08).",
     "dtype": "Compute dtype: float32, or bfloat16 (float32 variables, optimizer and losses).",
     "multihost": "Call jax.distributed.initialize() first (a multi-host TPU pod or GPU cluster; "
-    "each host then reads its own share of every batch).",
+    "each process then reads its own share of every batch and process 0 writes the files). "
+    "With no launch flag below, JAX detects the cluster (TPU pod, SLURM, Open MPI, Kubernetes).",
+    "coordinator_address": "With --multihost: HOST:PORT of process 0's coordinator ('': detect).",
+    "num_processes": "With --multihost: the number of processes of the job (0: detect).",
+    "process_id": "With --multihost: this process's index, 0 .. num_processes-1 (-1: detect).",
+    "local_device_ids": "With --multihost: the local device ids this process uses, "
+    "comma-separated (empty: all, or what JAX detects).",
     "optimizer": "sgd (the paper's, with momentum) or adamw.",
     "lr": "Peak learning rate (after warm-up), cosine-decayed to 0.",
     "momentum": "SGD momentum.",

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mtkd_jax import atomic
+from mtkd_jax import atomic, distributed
 
 CRITERIA = ("last", "val", "test_base")
 BEST_FILE = "{stage}_best_epoch.npz"
@@ -61,8 +61,12 @@ class EpochSelector:
         self.non_trainable = [np.asarray(v) for v in non_trainable]
         arrays = {f"trainable_{i}": v for i, v in enumerate(self.trainable)}
         arrays.update({f"non_trainable_{i}": v for i, v in enumerate(self.non_trainable)})
-        with atomic.replacing(self.path, suffix=".npz") as tmp:
-            np.savez(tmp, epoch=self.epoch, score=self.score, **arrays)
+
+        def write():
+            with atomic.replacing(self.path, suffix=".npz") as tmp:
+                np.savez(tmp, epoch=self.epoch, score=self.score, **arrays)
+
+        distributed.on_primary(write, what=f"writing {self.path}")
         return True
 
     def restore(self) -> bool:
@@ -79,7 +83,9 @@ class EpochSelector:
 
     def discard(self) -> None:
         """Removes a best-epoch file left by an earlier run (a fresh stage starts over)."""
-        self.path.unlink(missing_ok=True)
+        distributed.on_primary(
+            lambda: self.path.unlink(missing_ok=True), what=f"removing {self.path}"
+        )
 
     def summary(self) -> dict:
         return {"criterion": self.criterion, "epoch": self.epoch, "score": self.score}

@@ -2,6 +2,7 @@
 
     python -m mtkd_jax.sweep --datasets=oxford_pets,dtd --seeds=1,2,3 \\
         --flagfile=flags/paper.flags --workdir_root=runs/sweep [--dry_run] \\
+        [--launcher=runs/sweep/jobs.txt [--launch_prefix='srun -N2']] \\
         [--output=runs/sweep/table.md] [-- --epochs=5]
 
 Each (dataset, seed) runs `python -m mtkd_jax.main --flagfile=... --dataset=D --seed=S
@@ -12,6 +13,11 @@ checkpoint (`--resume`). A `results.json` counts as finished unless it says `"fi
 (which a run may write while it runs). At the end every finished `results.json` under the root
 is aggregated (`mtkd_jax.report`) into a markdown table, printed and written to `--output`;
 failed runs are listed with their logs.
+
+With `--launcher=FILE` the sweep runs nothing: it writes one shell line per unfinished run to
+FILE, so a scheduler's job array runs the grid points side by side, each on its own hosts
+(`--launch_prefix`, e.g. `srun ...`, goes before each command); running the sweep again
+afterwards skips the finished runs and writes the table.
 
 `--flagfile` here is not absl's: the sweep keeps it (and everything after `--`) for the runs.
 Run from the repository root: absl reads nested `--flagfile=flags/paper.flags` lines relative
@@ -46,6 +52,18 @@ flags.DEFINE_string("workdir_root", "runs/sweep", "Runs go to <root>/<dataset>/s
 flags.DEFINE_string("output", "", "Where the markdown table goes (default: <root>/table.md).")
 flags.DEFINE_list("methods", None, "Methods shown in the table (default: all found).")
 flags.DEFINE_bool("dry_run", False, "Print the commands of the grid and run nothing.")
+flags.DEFINE_string(
+    "launcher",
+    "",
+    "Write the commands of the unfinished runs to this file, one shell line per run (line i is "
+    "run i of a job array), and run nothing here; run the sweep again afterwards for the table.",
+)
+flags.DEFINE_string(
+    "launch_prefix",
+    "",
+    "With --launcher: put this before every run's python command (e.g. 'srun --nodes=2 "
+    "--ntasks-per-node=1', with -- --multihost for the runs), so each run gets its own hosts.",
+)
 flags.DEFINE_bool(
     "resume_runs",
     True,
@@ -221,6 +239,33 @@ def run_jobs(jobs: Sequence[Job], runner: Runner = subprocess_runner, *, progres
     return outcome
 
 
+def launcher_lines(
+    jobs: Sequence[Job], *, prefix: str = "", cwd: str | os.PathLike | None = None
+) -> list[str]:
+    """One shell line per unfinished job, for a job array (line i runs job i on its own hosts).
+
+    Each line changes to `cwd` (default: the current directory, where the flag files' relative
+    paths hold), creates the run's workdir and runs `prefix` + the job's command, its output
+    appended to `<workdir>/log.txt` as the sweep's own runner does. Finished jobs get no line.
+    """
+    cwd = Path.cwd() if cwd is None else Path(cwd)
+    lines = []
+    for job in jobs:
+        if job.is_finished():
+            continue
+        workdir, log = shlex.quote(str(job.workdir)), shlex.quote(str(job.log_path))
+        command = f"{prefix.strip()} {shlex.join(job.command)}".strip()
+        lines.append(f"cd {shlex.quote(str(cwd))} && mkdir -p {workdir} && {command} >> {log} 2>&1")
+    return lines
+
+
+def write_launcher(jobs: Sequence[Job], path: str | os.PathLike, *, prefix: str = "") -> list[str]:
+    """Writes `launcher_lines(jobs, prefix=prefix)` to `path` (atomically); returns them."""
+    lines = launcher_lines(jobs, prefix=prefix)
+    atomic.write_text(path, "".join(line + "\n" for line in lines))
+    return lines
+
+
 def collect_results(workdir_root: str | os.PathLike) -> list[dict]:
     """Every finished run's `results.json` under `workdir_root`, in path order; unreadable or
     unfinished ones are reported on stderr and left out."""
@@ -273,9 +318,12 @@ def sweep(
     dry_run: bool = False,
     runner: Runner = subprocess_runner,
     progress: bool = True,
+    launcher: str | os.PathLike = "",
+    launch_prefix: str = "",
 ) -> int:
-    """The whole command: plan, run (or print), aggregate, report. Returns the exit status:
-    0 when every run finished (or was skipped), 1 when any failed."""
+    """The whole command: plan, run (or print, or write a job array's `launcher` file),
+    aggregate, report. Returns the exit status: 0 when every run finished (or was skipped, or
+    the launcher file was written), 1 when any failed."""
     jobs = plan_jobs(
         datasets,
         seeds,
@@ -288,6 +336,15 @@ def sweep(
         for job in jobs:
             prefix = "# skipped (finished): " if job.is_finished() else ""
             print(prefix + shlex.join(job.command))
+        return 0
+    if launcher:
+        lines = write_launcher(jobs, launcher, prefix=launch_prefix)
+        print(
+            f"{len(lines)} run(s) of {len(jobs)} written to {launcher}, one per line "
+            f"({len(jobs) - len(lines)} finished). Run line i as job i of an array, e.g.\n"
+            f'  sbatch --array=1-{max(1, len(lines))} --wrap \'sed -n "${{SLURM_ARRAY_TASK_ID}}p" '
+            f"{launcher} | bash'\nthen run this sweep again (without --launcher) for the table."
+        )
         return 0
     outcome = run_jobs(jobs, runner, progress=progress)
     output = output or Path(workdir_root) / "table.md"
@@ -367,6 +424,8 @@ def main(command_line: CommandLine) -> None:
             methods=FLAGS.methods,
             resume=FLAGS.resume_runs,
             dry_run=FLAGS.dry_run,
+            launcher=FLAGS.launcher,
+            launch_prefix=FLAGS.launch_prefix,
         )
     except (ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)

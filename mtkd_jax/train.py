@@ -41,7 +41,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-from mtkd_jax import atomic, checkpoint, errors
+from mtkd_jax import atomic, checkpoint, distributed, errors
 
 DATA_AXIS = "data"
 METRICS_FILE = "metrics.jsonl"
@@ -70,9 +70,11 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh with axis "data" over `devices` (default: all global devices, every host).
 
     Multi-host: call `jax.distributed.initialize()` before this; `jax.devices()` then lists the
-    devices of every process.
+    devices of every process. The devices are ordered by process, so process p's rows of a
+    global batch are the p-th block of it (what `mtkd_jax.data.pipeline` hands each process).
     """
     devices = list(jax.devices() if devices is None else devices)
+    devices.sort(key=lambda device: device.process_index)  # Stable: local order kept.
     if not devices:
         raise ValueError(f"make_mesh needs at least one device. Received: devices={devices!r}")
     return Mesh(np.array(devices), (DATA_AXIS,))
@@ -398,18 +400,33 @@ def predict(
     """Logits and labels of every real example of `batches`, each counted once.
 
     Padded rows (`batch["mask"]` False, the tail of the last evaluation batch) are dropped.
+    With several processes each one passes its own share of every batch; the logits, labels
+    and masks of the whole global batch come back to every process, so each returns all of them.
 
     Returns:
-        `(logits [N, classes], labels [N])` as numpy arrays on the host.
+        `(logits [N, classes], labels [N])` as numpy arrays on the host (N over all processes).
     """
     variables = replicate(variables, mesh)
+    gather = _gather_step(mesh)
     logits, labels = [], []
-    for batch in tqdm(batches, desc=description, leave=False, disable=description is None):
-        images = shard_batch({"images": batch["images"]}, mesh)["images"]
-        keep = np.asarray(batch.get("mask", np.ones(len(batch["images"]), bool)), bool)
-        logits.append(np.asarray(jax.device_get(predict_step(variables, images)))[keep])
-        labels.append(np.asarray(batch["labels"])[keep])
+    quiet = description is None or jax.process_index() != 0
+    for batch in tqdm(batches, desc=description, leave=False, disable=quiet):
+        mask = np.asarray(batch.get("mask", np.ones(len(batch["images"]), bool)), bool)
+        local = {"images": batch["images"], "labels": batch["labels"], "mask": mask}
+        device_batch = shard_batch(local, mesh)
+        batch_logits = predict_step(variables, device_batch["images"])
+        batch_labels, keep = gather(device_batch["labels"], device_batch["mask"])
+        keep = np.asarray(keep)
+        logits.append(np.asarray(batch_logits)[keep])
+        labels.append(np.asarray(batch_labels)[keep])
     return np.concatenate(logits), np.concatenate(labels)
+
+
+@functools.cache
+def _gather_step(mesh: Mesh) -> Callable:
+    """Jitted `(labels, mask) -> (labels, mask)`: a batch split over "data" made whole (replicated)
+    on every device, in the row order of the logits."""
+    return jax.jit(lambda *arrays: arrays, out_shardings=replicated_sharding(mesh))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,6 +564,8 @@ def fit(
     is_writer = jax.process_index() == 0
     found = checkpoint.guard_workdir(workdir, stage_name, resume=resume)
     workdir.mkdir(parents=True, exist_ok=True)
+    # Every process has read the workdir's state before process 0 writes to it.
+    distributed.barrier(f"fit {stage_name}: start")
     log = _MetricsLog(workdir, stage_name, tensorboard, enabled=is_writer)
 
     start_epoch = 0
@@ -595,6 +614,8 @@ def fit(
             )
     finally:
         log.close()
+    # The others read what process 0 wrote (the finished marker) only after it wrote it.
+    distributed.barrier(f"fit {stage_name}: end")
     return state
 
 

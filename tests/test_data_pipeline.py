@@ -11,6 +11,7 @@ from PIL import Image
 
 from mtkd_jax.data import CLIP_MEAN, CLIP_STD, Split, load_dataset
 from mtkd_jax.data.pipeline import make_batches, steps_per_epoch
+from mtkd_jax.errors import InputError
 
 
 def _indexed_split(n: int, size: int = 8) -> Split:
@@ -71,6 +72,22 @@ def test_training_hosts_take_disjoint_slices_of_one_shared_permutation():
     ]
     assert len(epoch[0]) == len(epoch[1]) == 12
     assert set(epoch[0]).isdisjoint(epoch[1])
+
+
+def test_hosts_blocks_of_each_training_batch_make_the_single_host_batch():
+    # 3 processes x 2 rows = the single host's 6 rows, in process order, augmentation included,
+    # across an epoch boundary (10 examples, batches of 6): any number of hosts trains alike.
+    split = _indexed_split(10)
+    kwargs = dict(image_size=8, batch_size=6, training=True, seed=5, epochs=3)
+    single = list(make_batches(split, process_index=0, process_count=1, **kwargs))
+    per_host = [
+        list(make_batches(split, process_index=p, process_count=3, **kwargs)) for p in range(3)
+    ]
+    assert len(single) == 3 * 1 and all(len(batches) == len(single) for batches in per_host)
+    for step, batch in enumerate(single):
+        for key in ("images", "labels"):
+            joined = np.concatenate([batches[step][key] for batches in per_host])
+            np.testing.assert_array_equal(joined, batch[key])
 
 
 def _order_key(batch):
@@ -194,6 +211,16 @@ def test_shapes_world_loads_as_in_memory_splits(monkeypatch, tmp_path):
     np.testing.assert_allclose(batch["images"], want, atol=1e-5)
     big = list(make_batches(test, image_size=64, batch_size=12, training=True))
     assert big[0]["images"].shape == (12, 64, 64, 3)
+
+
+def test_partial_batches_on_several_hosts_are_refused_with_what_to_do():
+    """Hosts read blocks of each global batch; a partial batch would need unequal blocks, so a
+    split smaller than the batch on 2 hosts is refused naming the batch size that works."""
+    with pytest.raises(InputError, match="--batch_size to at most 4"):
+        make_batches(
+            _indexed_split(5), image_size=8, batch_size=8, training=True, partial_batches=True,
+            process_index=0, process_count=2,
+        )  # fmt: skip
 
 
 def test_partial_batches_give_each_example_of_a_small_split_once_per_epoch():

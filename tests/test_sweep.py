@@ -188,3 +188,27 @@ def test_command_line_passes_flagfile_and_extra_flags_to_the_runs(tmp_path):
         f"-m mtkd_jax.main --flagfile=flags/smoke.flags --dataset=oxford_pets --seed=3 "
         f"--workdir={tmp_path}/oxford_pets/seed3 --resume --nooverwrite --epochs=5"
     )
+
+
+def test_launcher_writes_one_runnable_line_per_unfinished_run(tmp_path, capsys):
+    jobs = sweep.plan_jobs(["dtd", "eurosat"], [1, 2], workdir_root=tmp_path / "runs")
+    FakeRunner()(jobs[1])  # dtd seed 2 finished earlier: no line for it
+    launcher = tmp_path / "jobs.txt"
+    status = sweep.sweep(
+        ["dtd", "eurosat"], [1, 2], workdir_root=tmp_path / "runs", launcher=launcher,
+        launch_prefix="srun --nodes=2", extra_args=["--multihost"], runner=FakeRunner(),
+    )  # fmt: skip
+    lines = launcher.read_text().splitlines()
+    assert status == 0 and "3 run(s) of 4 written" in capsys.readouterr().out
+    assert len(lines) == 3 and not (tmp_path / "runs" / "eurosat").exists()  # nothing ran
+    assert all(f"--seed={s} " in line for line, s in zip(lines, (1, 1, 2), strict=True))
+    assert all(" srun --nodes=2 " in line and "--multihost >> " in line for line in lines)
+    assert "--dataset=dtd --seed=1" in lines[0] and "--dataset=eurosat --seed=2" in lines[2]
+
+    # A line runs its job from the current directory, its output in the run's log.
+    (job,) = sweep.plan_jobs(["dtd"], [7], workdir_root=tmp_path / "runs")
+    job = sweep.Job(job.dataset, job.seed, job.workdir,
+                    (sys.executable, "-c", "import os; print('ran in', os.getcwd())"))  # fmt: skip
+    (line,) = sweep.launcher_lines([job], cwd=tmp_path)
+    subprocess.run(["bash", "-c", line], check=True)
+    assert f"ran in {tmp_path}" in job.log_path.read_text()

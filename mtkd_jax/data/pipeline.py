@@ -11,13 +11,16 @@ augments:
   * evaluation: every example exactly once, in split order; host p of P reads examples p, p+P,
     ...; every host yields the same number of batches (`steps_per_epoch`), the last ones padded
     with zeros and mask False, so no test image is dropped or counted twice;
-  * training: a reshuffled permutation per epoch (seeded, identical on all hosts, each host
-    taking its own slice), cut into full batches as one continuous stream, so a split smaller
-    than a batch still gives full batches; `epochs * steps_per_epoch` batches, or endless with
-    `epochs=None`. With `partial_batches=True` a split smaller than the batch gives instead one
-    batch per epoch holding each of its examples once (as Dassl keeps the partial batch), the
-    rest of the rows filled with copies of real ones and "mask" False on them, so losses that
-    honour the mask see each example once and BatchNorm statistics see real images only.
+  * training: a reshuffled permutation per epoch (seeded, identical on all hosts), cut into
+    full global batches as one continuous stream, so a split smaller than a batch still gives
+    full batches; host p takes the p-th block of rows of every global batch, so the global
+    batch (hosts' blocks in process order, as `mtkd_jax.train.shard_batch` assembles it) and
+    its augmentation are the same whatever the number of hosts; `epochs * steps_per_epoch`
+    batches, or endless with `epochs=None`. With `partial_batches=True` a split smaller than
+    the batch gives instead one batch per epoch holding each of its examples once (as Dassl
+    keeps the partial batch), the rest of the rows filled with copies of real ones and "mask"
+    False on them, so losses that honour the mask see each example once and BatchNorm
+    statistics see real images only.
 `batch_size` is the global batch; each host yields `batch_size // process_count` rows.
 
 Image files are checked and made decodable as upright RGB by `mtkd_jax.data.images`. With
@@ -29,6 +32,7 @@ them is named in a warning when the iteration ends. TensorFlow never sees an acc
 """
 
 import functools
+import itertools
 import logging
 import math
 from collections import deque
@@ -38,6 +42,7 @@ import numpy as np
 from mtkd_jax.data import fewshot, images, preprocess
 from mtkd_jax.data.dataset import Split
 from mtkd_jax.data.tf_setup import import_tensorflow
+from mtkd_jax.errors import InputError
 
 tf = import_tensorflow()
 logger = logging.getLogger(__name__)
@@ -71,13 +76,13 @@ def steps_per_epoch(
 ) -> int:
     """Batches per epoch on every host.
 
-    Training: max(1, (N // P) // (B // P)) full batches. Evaluation: ceil(ceil(N / P) / (B // P))
-    batches, enough for every example once.
+    Training: max(1, N // B) full global batches, whatever the number of hosts P. Evaluation:
+    ceil(ceil(N / P) / (B // P)) batches, enough for every example once.
     """
     _, process_count = _hosts(0, process_count)
     local = _local_batch(batch_size, process_count)
     if training:
-        return max(1, (split_len // process_count) // local)
+        return max(1, split_len // batch_size)
     return math.ceil(math.ceil(split_len / process_count) / local)
 
 
@@ -129,6 +134,14 @@ def make_batches(
         raise ValueError(
             f"A training split needs at least one example per host. Received: {len(split)} "
             f"examples for {count} hosts"
+        )
+    if training and partial_batches and count > 1 and len(split) < batch_size:
+        # Each host reads a block of every global batch; a masked partial batch would need
+        # blocks of unequal sizes, which this layout does not make.
+        raise InputError(
+            f"A training split of {len(split)} examples is smaller than the global batch "
+            f"({batch_size}) on {count} hosts; a partial batch is only made on one host. Lower "
+            f"--batch_size to at most {len(split) - len(split) % count} or run on one host."
         )
     if training and epochs is None:
         num_batches = None
@@ -206,13 +219,16 @@ class BatchIterator:
             for position in range(p, n, count):
                 yield position, position
             return
-        per_host = n // count
-        epoch = 0
-        while True:
-            perm = fewshot.stable_rng("train-order", self.seed, epoch).permutation(n)
-            for rank in range(p, per_host * count, count):
-                yield int(perm[rank]), epoch * n + rank
-            epoch += 1
+        # The i-th row of this host is row p * local + i % local of global batch i // local,
+        # at place `index` of the stream of epochs' permutations (and its augmentation counter).
+        local = self.local_batch
+        epoch, perm = -1, None
+        for i in itertools.count():
+            index = (i // local) * local * count + p * local + i % local
+            if index // n != epoch:
+                epoch = index // n
+                perm = fewshot.stable_rng("train-order", self.seed, epoch).permutation(n)
+            yield int(perm[index % n]), index
 
     def _payload(self, position: int):
         """The image of one example as the pipeline wants it, or None if unreadable."""
