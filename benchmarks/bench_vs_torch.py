@@ -72,8 +72,9 @@ def jax_student(name: str, *, adapter: bool):
     return student
 
 
-def jax_stage1(args, images, text):
-    """Our stage-1 step: `step()` runs one and waits for it."""
+def jax_stage1(args, images, text, *, return_parts: bool = False):
+    """Our stage-1 step: `step()` runs one and waits for it (with `return_parts`, also
+    `(teacher, student, train_step, [state], batch)`)."""
     keras.utils.set_random_seed(0)
     teacher_config = CLIPConfig.preset(PRESETS[args.teacher]).replace(embed_dim=TEACHER_DIM)
     teacher = CLIP(teacher_config)
@@ -87,7 +88,8 @@ def jax_stage1(args, images, text):
         "text": jax.numpy.asarray(text),
         "scale": jax.numpy.float32(np.log(100.0)),
     }
-    return _stepper(loss_fn, student, mesh, frozen, {"images": images}, args)
+    run, step, state, batch = _stepper(loss_fn, student, mesh, frozen, {"images": images}, args)
+    return (run, (teacher, student, step, state, batch)) if return_parts else run
 
 
 def jax_stage2(args, images, text):
@@ -101,7 +103,7 @@ def jax_stage2(args, images, text):
     }
     labels = np.random.default_rng(0).integers(0, CLASSES, len(images)).astype(np.int32)
     batch = {"images": images, "labels": labels}
-    return _stepper(stages.classification_loss(student), student, mesh, frozen, batch, args)
+    return _stepper(stages.classification_loss(student), student, mesh, frozen, batch, args)[0]
 
 
 def _stepper(loss_fn, student, mesh, frozen, batch, args):
@@ -114,7 +116,7 @@ def _stepper(loss_fn, student, mesh, frozen, batch, args):
         state[0], measurements = step(state[0], batch)
         return float(jax.block_until_ready(measurements["loss"]))
 
-    return run
+    return run, step, state, batch
 
 
 def time_once(fn) -> float:
