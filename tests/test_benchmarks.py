@@ -72,7 +72,7 @@ def test_deploy_cost_benchmark_gives_teacher_over_student_ratios():
     lines = _json_lines("bench_deploy_cost.py", "--groups=demo", "--rounds=2")
     (ratios,) = [line for line in lines if "teacher_over" in line]
     assert ratios["params_millions"] > 1 and ratios["gflops_per_image"] > 1
-    models = [line for line in lines if "latency_ms_batch1" in line]
+    models = [line for line in lines if "model" in line and "latency_ms_batch1" in line]
     assert [m["model"] for m in models] == [
         "teacher shapes CLIP (tiny-teacher)", "student tiny_resnet",
     ]  # fmt: skip
