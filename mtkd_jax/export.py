@@ -266,6 +266,8 @@ def _parse_input_size(input_size, image_size: int) -> tuple[int, int]:
     if isinstance(input_size, int):
         input_size = (input_size, input_size)
     input_size = tuple(int(v) for v in input_size)
+    if len(input_size) == 1:  # one side: a square input
+        input_size = input_size * 2
     if len(input_size) != 2 or min(input_size) < 1:
         raise ValueError(
             f"input_size must be a positive (height, width) or one int. Received: {input_size}"
@@ -700,7 +702,8 @@ def _define_flags() -> None:
     flags.DEFINE_list(
         "input_size",
         None,
-        "Height,width of the images the exported graph takes (it resizes and centre-crops them "
+        "Height,width (or one side, square) of the images the exported graph takes (it resizes "
+        "and centre-crops them "
         "to the student's resolution inside). Default: the student's resolution.",
     )
     flags.DEFINE_bool(

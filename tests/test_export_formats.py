@@ -169,6 +169,14 @@ def test_an_export_for_larger_camera_images_resizes_inside_the_graph(tmp_path):
         model(images[:, :32, :32])
 
 
+def test_input_size_is_height_width_or_one_side():
+    assert export._parse_input_size(None, 32) == (32, 32)
+    assert export._parse_input_size(["48"], 32) == (48, 48)
+    assert export._parse_input_size(("40", "48"), 32) == (40, 48)
+    with pytest.raises(ValueError, match="input_size must be a positive"):
+        export._parse_input_size((40, 48, 3), 32)
+
+
 def test_bad_requests_get_one_clear_message(tmp_path):
     with pytest.raises(ValueError, match="Valid formats: onnx, litert, saved_model"):
         export.export_formats(demo_classifier(), tmp_path, formats=("tflite",))
