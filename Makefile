@@ -15,7 +15,7 @@ $(BIN)/python:
 
 # Re-install only when the package metadata changes.
 $(VENV)/.installed: setup.cfg pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet -e '.[test,torch]'
+	$(BIN)/python -m pip install --quiet -e '.[test,torch,export]'
 	touch $@
 
 setup: $(VENV)/.installed

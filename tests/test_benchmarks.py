@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -61,3 +63,36 @@ def test_level_weights_at_the_paper_sizes_match_docs_reproducing():
     docs = (ROOT / "docs" / "reproducing.md").read_text()
     share = rows[("batch 8, 37 classes", "instance")]
     assert f"| 37 (Pets) | {share:.1f}%" in docs
+
+
+def test_profile_classifies_each_compiled_instruction_by_op_class():
+    import jax
+    import jax.numpy as jnp
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from profile_stage1 import classify_hlo
+
+    def fn(a, b):
+        return jnp.tanh(a @ b).sum(), a.T.copy()
+
+    x = jnp.ones((64, 32))
+    hlo = jax.jit(fn).lower(x, jnp.ones((32, 16))).compile().as_text()
+    classes, contents = classify_hlo(hlo)
+    assert set(classes) == set(contents)
+    by_class = {}
+    for name, op_class in classes.items():
+        by_class.setdefault(op_class, []).append(name)
+    assert by_class.get("matmul (dot, convolution)"), classes
+    dots = [n for n in by_class["matmul (dot, convolution)"] if "dot" in contents[n]]
+    assert dots, contents
+
+
+@pytest.mark.slow  # exports two models to ONNX (~40-70 s on 2 busy cores)
+def test_deploy_cost_benchmark_gives_teacher_over_student_ratios():
+    lines = _json_lines("bench_deploy_cost.py", "--groups=demo", "--rounds=2")
+    (ratios,) = [line for line in lines if "teacher_over" in line]
+    assert ratios["params_millions"] > 1 and ratios["gflops_per_image"] > 1
+    models = [line for line in lines if "model" in line and "latency_ms_batch1" in line]
+    assert [m["model"] for m in models] == [
+        "teacher shapes CLIP (tiny-teacher)", "student tiny_resnet",
+    ]  # fmt: skip
