@@ -79,7 +79,6 @@ def test_user_facing_errors_of_the_library_are_user_errors():
     for cls in (
         checkpoint.CheckpointError,
         checkpoint.WorkdirInUseError,
-        checkpoint.MissingCheckpointError,
         train.NonFiniteLossError,
         porting.CheckpointMismatchError,
         torch_io.UnsafeCheckpointError,
