@@ -58,10 +58,6 @@ class WorkdirInUseError(errors.UserError, RuntimeError):
     """A workdir already holds this stage's checkpoints and the run did not ask to resume."""
 
 
-class MissingCheckpointError(errors.UserError, FileNotFoundError):
-    """A stage needs another stage's checkpoint, and the workdir has none."""
-
-
 def checkpoint_dir(workdir: str | os.PathLike) -> Path:
     """Where a run's checkpoints live: `<workdir>/checkpoints`."""
     return Path(workdir) / CHECKPOINT_SUBDIR
@@ -301,31 +297,6 @@ def guard_workdir(
         f"silently: pass {resume_flag} to continue it (a finished stage is then reused as is), "
         "or choose a new --workdir."
     )
-
-
-def require_checkpoint(workdir: str | os.PathLike, stage: str, command_hint: str) -> Path:
-    """The final checkpoint of a finished `stage` in `workdir`, which a later stage builds on.
-
-    Args:
-        workdir: the run directory.
-        stage: the stage whose checkpoint is needed (e.g. "stage1").
-        command_hint: the command that produces it, quoted in the error.
-
-    Raises:
-        MissingCheckpointError: the stage has no checkpoint, or did not finish.
-    """
-    found = latest(checkpoint_dir(workdir), stage)
-    if found is None:
-        raise MissingCheckpointError(
-            f"This needs a {stage} checkpoint, and the workdir {str(workdir)!r} has none. "
-            f"Make one first with:\n  {command_hint}"
-        )
-    if not is_finished(workdir, stage):
-        raise MissingCheckpointError(
-            f"The {stage} run in {str(workdir)!r} did not finish (latest checkpoint: {found}). "
-            f"Finish it first with:\n  {command_hint} --resume"
-        )
-    return found
 
 
 def _check_stage(stage: str) -> None:

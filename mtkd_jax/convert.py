@@ -24,7 +24,7 @@ import mtkd_jax  # noqa: F401  (sets KERAS_BACKEND before Keras is imported)
 
 def convert(source: str, destination: str, prompts: str | None = None, overwrite: bool = False):
     """Load `source` (+ `prompts`) and write it to `destination` atomically; returns the model."""
-    from mtkd_jax.clip.load import load, load_tokenizer, save
+    from mtkd_jax.clip import load, load_tokenizer, save
 
     destination = os.path.abspath(destination)
     if os.path.exists(destination) and not overwrite:

@@ -172,14 +172,6 @@ def model_variables(model) -> tuple[list[jax.Array], list[jax.Array]]:
     )
 
 
-def variable_paths(model) -> tuple[list[str], list[str]]:
-    """The Keras paths of `model`'s trainable and non-trainable variables, same order as values."""
-    return (
-        [v.path for v in model.trainable_variables],
-        [v.path for v in model.non_trainable_variables],
-    )
-
-
 def assign_to_model(model, trainable: Sequence[Any], non_trainable: Sequence[Any]) -> None:
     """Writes values (e.g. a trained `TrainState`'s) back into the Keras model's variables."""
     for kind, variables, values in (

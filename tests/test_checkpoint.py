@@ -151,16 +151,3 @@ def test_workdir_guard_refuses_a_used_workdir_unless_resuming(tmp_path):
     with pytest.raises(checkpoint.WorkdirInUseError, match="finished.*--resume"):
         checkpoint.guard_workdir(tmp_path, "stage1", resume=False)
     assert checkpoint.guard_workdir(tmp_path, "stage2", resume=False) is None
-
-
-def test_require_checkpoint_names_the_command_that_makes_one(tmp_path):
-    command = "python -m mtkd_jax.main --stage=1 --workdir=runs/pets"
-    with pytest.raises(checkpoint.MissingCheckpointError) as raised:
-        checkpoint.require_checkpoint(tmp_path, "stage1", command)
-    assert command in str(raised.value)
-    saved = save_state(checkpoint.checkpoint_dir(tmp_path), make_state(), step=4)
-    with pytest.raises(checkpoint.MissingCheckpointError, match="did not finish") as raised:
-        checkpoint.require_checkpoint(tmp_path, "stage1", command)
-    assert f"{command} --resume" in str(raised.value)
-    checkpoint.mark_finished(tmp_path, "stage1", {})
-    assert checkpoint.require_checkpoint(tmp_path, "stage1", command) == saved

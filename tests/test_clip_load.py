@@ -17,11 +17,8 @@ import mtkd_jax  # noqa: F401  (sets KERAS_BACKEND)
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from mtkd_jax.clip.load import (  # noqa: E402
-    OPENAI_BUFFERS,  # noqa: E402
-    CheckpointMismatchError,
-    load,
-)
+from mtkd_jax.clip import CheckpointMismatchError, load  # noqa: E402
+from mtkd_jax.clip.convert_openai import OPENAI_BUFFERS  # noqa: E402
 
 VOCAB, EOT, SOT = 49408, 49407, 49406  # the real vocabulary size: fresh prompts use its ids
 WIDTH, HEADS, LAYERS, EMBED, IMAGE, PATCH = 128, 2, 3, 16, 32, 8  # heads = width // 64, as OpenAI
@@ -126,7 +123,7 @@ def our_outputs(model, images, ids):
 
 
 def hf_to_openai(state):
-    """Hugging Face CLIPModel names → OpenAI CLIP names (written here, independently of load.py)."""
+    """Hugging Face CLIPModel names → OpenAI CLIP names (written here, not from convert_hf)."""
     state = {k: v.detach().clone().float() for k, v in state.items()}
     out = {
         "visual.conv1.weight": state["vision_model.embeddings.patch_embedding.weight"],
@@ -309,7 +306,7 @@ def odd_sized_hf_clip(tmp_path, layer_norm_eps=1e-6, activation="gelu"):
 def test_clip_with_other_mlp_sizes_and_epsilon_matches_transformers(tmp_path):
     """MLP sizes and LayerNorm epsilon come from the checkpoint, not from OpenAI's layout; the
     converted copy keeps them."""
-    from mtkd_jax.clip.load import save
+    from mtkd_jax.clip import save
 
     directory, reference = odd_sized_hf_clip(tmp_path)
     clip = load(directory)
@@ -558,8 +555,8 @@ def test_fresh_prompts_start_from_a_photo_of_a(hf):
 
 def test_converted_checkpoint_takes_fresh_prompts_for_stage_0(tmp_path):
     from mtkd_jax.clip import CLIP, CLIPConfig
+    from mtkd_jax.clip import load as load_clip
     from mtkd_jax.clip import save as save_native
-    from mtkd_jax.clip.load import load as load_clip
     from mtkd_jax.clip.tokenizer import CLIPTokenizer
 
     plain = CLIP(CLIPConfig.preset("tiny"))

@@ -6,7 +6,7 @@ model failing somewhere deep inside a user's run).
   (`mtkd_jax.clip.model`); keras-hub exports no public CLIP block.
 - `keras.src.backend.common.global_state`'s "uninitialized_variables": the list a model built
   under `keras.StatelessScope(initialize_variables=False)` is put on, which
-  `mtkd_jax.clip.load.forget_pending` trims after loading every weight.
+  `mtkd_jax.clip.porting.forget_pending` trims after loading every weight.
 """
 
 import inspect
@@ -38,7 +38,8 @@ def test_keras_hub_clip_block_has_the_arguments_and_sub_layers_we_map():
     block.build(x.shape)
     names = ("layer_norm_1", "attention", "layer_norm_2", "dense_1", "dense_2")
     assert all(hasattr(block, name) for name in names), (
-        "CLIPEncoderLayer's sub-layers " + MOVED.format(where="the tables in mtkd_jax/clip/load.py")
+        "CLIPEncoderLayer's sub-layers "
+        + MOVED.format(where="the tables in mtkd_jax/clip/convert_*.py")
     )
     assert block.dense_1.kernel.shape == (8, 24)
     before = np.asarray(block(x))
@@ -52,13 +53,14 @@ def test_keras_hub_clip_block_has_the_arguments_and_sub_layers_we_map():
 def test_forget_pending_removes_a_loaded_model_from_keras_deferred_variables():
     import keras
 
-    from mtkd_jax.clip.load import build_uninitialised, forget_pending
+    from mtkd_jax.clip.porting import build_uninitialised, forget_pending
 
     try:
         from keras.src.backend.common import global_state
     except ImportError as error:
         raise AssertionError(
-            "Keras's global_state " + MOVED.format(where="forget_pending in mtkd_jax/clip/load.py")
+            "Keras's global_state "
+            + MOVED.format(where="forget_pending in mtkd_jax/clip/porting.py")
         ) from error
     model = build_uninitialised(
         lambda: keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
@@ -67,7 +69,7 @@ def test_forget_pending_removes_a_loaded_model_from_keras_deferred_variables():
     ours = {id(v) for v in model.weights}
     assert ours <= {id(v) for v in pending}, (
         "Keras no longer lists deferred variables under 'uninitialized_variables' "
-        + MOVED.format(where="forget_pending in mtkd_jax/clip/load.py")
+        + MOVED.format(where="forget_pending in mtkd_jax/clip/porting.py")
     )
     for variable in model.weights:
         variable.assign(np.ones(variable.shape, "float32"))

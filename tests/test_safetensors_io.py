@@ -11,7 +11,6 @@ import pytest
 
 from mtkd_jax import errors
 from mtkd_jax.clip import safetensors_io
-from mtkd_jax.clip.load import read_safetensors
 
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 safetensors_lib = pytest.importorskip("safetensors")
@@ -45,7 +44,7 @@ def test_files_written_by_the_safetensors_library_load_exactly(tmp_path):
     }
     path = str(tmp_path / "model.safetensors")
     safetensors_numpy.save_file(tensors, path, metadata={"format": "np"})
-    loaded = read_safetensors(path)
+    loaded = safetensors_io.read(path)
     assert loaded.keys() == tensors.keys()
     for name, value in tensors.items():
         assert loaded[name].dtype == value.dtype and np.array_equal(loaded[name], value), name
@@ -60,7 +59,7 @@ def test_bfloat16_is_read_as_the_library_stores_it(tmp_path):
         {"x": {"dtype": "BF16", "shape": [2, 2], "data_offsets": [0, 8]}},
         bf16.tobytes(),
     )
-    loaded = read_safetensors(path)["x"]
+    loaded = safetensors_io.read(path)["x"]
     assert loaded.dtype == ml_dtypes.bfloat16 and np.array_equal(loaded, bf16)
     flax = pytest.importorskip("safetensors.flax")
     np.testing.assert_array_equal(np.asarray(flax.load_file(path)["x"]), bf16)
@@ -97,7 +96,7 @@ def test_a_crafted_file_is_refused_naming_the_file_and_the_tensor(
 ):
     path = _craft(tmp_path / "crafted.safetensors", header, data, header_size=header_size)
     with pytest.raises(errors.UserError, match=message) as raised:
-        read_safetensors(path)
+        safetensors_io.read(path)
     assert path in str(raised.value)
     assert _library_refuses(path), f"the safetensors library reads {name!r}"
 
@@ -108,7 +107,7 @@ def test_a_repeated_name_and_a_short_file_are_refused(tmp_path):
     path = tmp_path / "twice.safetensors"
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + b"\0" * 8)
     with pytest.raises(safetensors_io.SafetensorsError, match="'a' appears twice"):
-        read_safetensors(str(path))
+        safetensors_io.read(str(path))
     (tmp_path / "short.safetensors").write_bytes(b"\1\0")
     with pytest.raises(safetensors_io.SafetensorsError, match="shorter than the 8-byte"):
-        read_safetensors(str(tmp_path / "short.safetensors"))
+        safetensors_io.read(str(tmp_path / "short.safetensors"))

@@ -8,7 +8,9 @@ a checkpoint's architecture before any model is built.
 import importlib
 
 from mtkd_jax.clip.config import PRESETS, CLIPConfig, image_encoder_flops
-from mtkd_jax.clip.load import CheckpointMismatchError, load, load_tokenizer, save
+from mtkd_jax.clip.load import load, load_tokenizer
+from mtkd_jax.clip.native import save
+from mtkd_jax.clip.porting import CheckpointMismatchError
 
 _IN_MODEL = ("CLIP", "class_token_ids")
 
