@@ -711,16 +711,16 @@ def run_classification_stage(ctx: Context, stage: str, student, *, epochs: int) 
     return student
 
 
-def stage1_weights(ctx: Context) -> Path:
-    """The stage-1 student of this workdir, or one clear error naming the command to make it."""
-    path = ctx.workdir / "student_stage1.weights.h5"
-    if not path.is_file() or not checkpoint.is_finished(ctx.workdir, "stage1"):
+def stage1_weights(workdir: Path, config: RunConfig) -> Path:
+    """The stage-1 student of `workdir`, or one clear error naming the command to make it."""
+    path = workdir / "student_stage1.weights.h5"
+    if not path.is_file() or not checkpoint.is_finished(workdir, "stage1"):
         command = (
-            f"python -m mtkd_jax.main --stage=1 --dataset={ctx.config.dataset} "
-            f"--shots={ctx.config.shots} --seed={ctx.config.seed} --workdir={ctx.workdir}"
+            f"python -m mtkd_jax.main --stage=1 --dataset={config.dataset} "
+            f"--shots={config.shots} --seed={config.seed} --workdir={workdir}"
         )
         raise FileNotFoundError(
-            f"Stage 2 needs the stage-1 student in {ctx.workdir} ({path.name} and a finished "
+            f"Stage 2 needs the stage-1 student in {workdir} ({path.name} and a finished "
             f"stage1), and it is not there. Make it with:\n  {command}"
         )
     return path
@@ -729,7 +729,7 @@ def stage1_weights(ctx: Context) -> Path:
 def run_adapter_stage(ctx: Context):
     """Stage 2: freeze the stage-1 student, switch on its residual adapter, train only that."""
     student = build_student(ctx, adapter=True)
-    student.load_weights(str(stage1_weights(ctx)))
+    student.load_weights(str(stage1_weights(ctx.workdir, ctx.config)))
     return run_classification_stage(ctx, "stage2", student, epochs=ctx.config.epochs_for("2"))
 
 
@@ -888,9 +888,11 @@ def run(config: RunConfig) -> dict:
             process_id=config.process_id,
             local_device_ids=config.local_device_ids,
         )
+    workdir = Path(config.workdir)
+    if config.stage == "2":
+        stage1_weights(workdir, config)  # Before any work: stage 2 builds on a finished stage 1.
     # Process 0 checks and prepares the workdir (shared storage) while the others wait.
     distributed.on_primary(lambda: _prepare_workdir(config), what="preparing the workdir")
-    workdir = Path(config.workdir)
     from mtkd_jax.data import images
 
     images.reset_skipped()

@@ -237,10 +237,17 @@ def test_overwriting_one_stage_keeps_the_stages_it_builds_on(tmp_path):
     assert all(np.array_equal(kept[name], stage1[name]) for name in stage1)
 
 
-def test_stage2_without_stage1_names_the_command(tmp_path):
+def test_stage2_without_stage1_names_the_command_before_any_work(tmp_path, monkeypatch):
+    def loaded(*args, **kwargs):
+        raise AssertionError("stage 2 without a stage-1 student loaded data or a model first")
+
+    for name in ("load_data", "build_teacher", "build_student"):
+        monkeypatch.setattr(experiment, name, loaded)
+    workdir = tmp_path / "run"
     with pytest.raises(FileNotFoundError, match=r"python -m mtkd_jax.main --stage=1"):
-        experiment.run(smoke_config(tmp_path, stage="2", teacher_prompt_length=0,
+        experiment.run(smoke_config(workdir, stage="2", teacher_prompt_length=0,
                                     teacher_prompt_depth=0))  # fmt: skip
+    assert not workdir.exists()  # nothing was written either
 
 
 def test_resumed_stage1_ends_like_an_uninterrupted_one(tmp_path, monkeypatch):
