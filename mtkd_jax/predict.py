@@ -14,15 +14,21 @@ import sys
 import numpy as np
 from absl import app, flags
 
-flags.DEFINE_string(
-    "model",
-    None,
-    "The exported student: <workdir>/student.keras, or a .onnx, .tflite or .saved_model written "
-    "by python -m mtkd_jax.export.",
-)
-flags.DEFINE_integer("top_k", 5, "How many classes to print per image.")
-flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
 FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+    """The command's flags, defined only when it runs as a command: importing this module (a
+    notebook, `mtkd_jax.export`, a test beside `mtkd_jax.main`) adds none to absl's global
+    flags, so its `--batch_size` never meets the driver's."""
+    flags.DEFINE_string(
+        "model",
+        None,
+        "The exported student: <workdir>/student.keras, or a .onnx, .tflite or .saved_model "
+        "written by python -m mtkd_jax.export.",
+    )
+    flags.DEFINE_integer("top_k", 5, "How many classes to print per image.")
+    flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
 
 
 def load_images(paths: list[str], image_size: int) -> np.ndarray:
@@ -110,4 +116,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)

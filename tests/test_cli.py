@@ -143,3 +143,14 @@ def test_a_misspelled_baseline_is_refused_and_the_help_names_every_baseline():
 def test_numeric_list_flags_refuse_what_is_not_their_numbers(argv, message):
     with pytest.raises(errors.InputError, match=message):
         _parse(argv)
+
+
+def test_every_command_module_imports_beside_the_others():
+    """The commands' absl flags share one global registry: importing the driver, predict,
+    export, convert and the sweep in one process (a notebook, a test worker) must not define
+    a flag twice (predict's --batch_size once met the driver's)."""
+    script = (
+        "import mtkd_jax.main, mtkd_jax.predict, mtkd_jax.export, mtkd_jax.convert, mtkd_jax.sweep"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
