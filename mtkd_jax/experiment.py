@@ -874,20 +874,23 @@ def _set_class_features(ctx: Context) -> None:
 def run(config: RunConfig) -> dict:
     """Runs the stages of `config` end to end; returns the results (also in results.json)."""
     _limit_data_threads(config.data_threads)  # Before anything imports TensorFlow.
-    quiet.start_quietly()  # TensorFlow, Keras and JAX without accelerator-probing noise.
-    keras = _import_keras()
-    from mtkd_jax import train
-    from mtkd_jax.clip.load import load_tokenizer
-
     config = with_dataset_defaults(config)  # An empty workdir never means the current directory.
     config.validate()
-    if config.multihost:
+
+    def join_processes():  # before JAX starts its backends, as jax.distributed requires
         distributed.initialize(
             coordinator_address=config.coordinator_address,
             num_processes=config.num_processes,
             process_id=config.process_id,
             local_device_ids=config.local_device_ids,
         )
+
+    # TensorFlow, Keras and JAX without accelerator-probing noise.
+    quiet.start_quietly(before_backends=join_processes if config.multihost else None)
+    keras = _import_keras()
+    from mtkd_jax import train
+    from mtkd_jax.clip.load import load_tokenizer
+
     workdir = Path(config.workdir)
     if config.stage == "2":
         stage1_weights(workdir, config)  # Before any work: stage 2 builds on a finished stage 1.

@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 
 # Substrings of start-up lines that only report probing for accelerators (or banners).
 PROBING_NOISE = (
@@ -67,9 +68,14 @@ def filtered_native_stderr(noise=PROBING_NOISE):
                 sys.stderr.flush()
 
 
-def start_quietly() -> None:
+def start_quietly(before_backends: Callable[[], None] | None = None) -> None:
     """Imports TensorFlow (accelerators hidden from it) and Keras, and starts JAX's backends,
-    without their probing noise. Safe to call again: later calls do nothing new."""
+    without their probing noise. Safe to call again: later calls do nothing new.
+
+    Args:
+      before_backends: run after the imports and before JAX starts its backends (what
+        `jax.distributed.initialize` needs: a multi-process run initialises there).
+    """
     probe_logger = logging.getLogger(_JAX_PROBE_LOGGER)
     level = probe_logger.level
     probe_logger.setLevel(logging.WARNING)
@@ -82,6 +88,8 @@ def start_quietly() -> None:
             import jax
             import keras  # noqa: F401  (keras-hub and Keras may import TensorFlow too)
 
+            if before_backends is not None:
+                before_backends()
             jax.devices()
     finally:
         probe_logger.setLevel(level)
