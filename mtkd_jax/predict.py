@@ -31,19 +31,23 @@ def _define_flags() -> None:
     flags.DEFINE_integer("batch_size", 32, "Images per forward pass.")
 
 
+def decode_images(paths: list[str]):
+    """Each image file as upright RGB uint8 `[h, w, 3]` (a TensorFlow tensor), decoded as the
+    training pipeline decodes (`mtkd_jax.data.images`: EXIF orientation, CMYK, 16-bit); an
+    unusable file raises `BadImageError` naming it."""
+    from mtkd_jax.data import images, preprocess
+
+    for path in paths:
+        yield preprocess.decode_rgb(images.encoded_rgb(path))
+
+
 def load_images(paths: list[str], image_size: int) -> np.ndarray:
     """Reads and transforms image files: float32 `[N, image_size, image_size, 3]`."""
     from mtkd_jax.data import preprocess
 
-    tf = preprocess.tf
-    images = []
-    for path in paths:
-        try:
-            image = preprocess.decode_rgb(tf.io.read_file(path))
-        except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as error:
-            raise ValueError(f"Cannot read the image {path!r}: {error.message}") from None
-        images.append(preprocess.eval_transform(image, image_size).numpy())
-    return np.stack(images)
+    return np.stack(
+        [preprocess.eval_transform(image, image_size).numpy() for image in decode_images(paths)]
+    )
 
 
 def fit_to_size(image, height: int, width: int) -> np.ndarray:
@@ -63,17 +67,7 @@ def fit_to_size(image, height: int, width: int) -> np.ndarray:
 
 def load_raw_images(paths: list[str], input_size: tuple[int, int]) -> np.ndarray:
     """Reads image files for an exported graph: uint8 `[N, height, width, 3]`."""
-    from mtkd_jax.data import preprocess
-
-    tf = preprocess.tf
-    images = []
-    for path in paths:
-        try:
-            image = preprocess.decode_rgb(tf.io.read_file(path))
-        except (tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as error:
-            raise ValueError(f"Cannot read the image {path!r}: {error.message}") from None
-        images.append(fit_to_size(image, *input_size))
-    return np.stack(images)
+    return np.stack([fit_to_size(image, *input_size) for image in decode_images(paths)])
 
 
 def predict(model, paths: list[str], *, top_k: int = 5, batch_size: int = 32):

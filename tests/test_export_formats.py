@@ -126,6 +126,27 @@ def test_predict_reads_exported_files(exported, kind, tmp_path):
         assert top[0][1] >= top[1][1]
 
 
+def test_predict_decodes_image_files_as_training_does(tmp_path):
+    """predict reads files through mtkd_jax.data.images, as the pipeline does: an EXIF-rotated
+    JPEG comes out upright (the same pixels as the upright file), a broken file is named."""
+    from mtkd_jax.data import images as images_lib
+
+    stored = np.zeros((24, 40, 3), np.uint8)
+    stored[:, :20] = (200, 30, 30)
+    stored[:, 20:] = (30, 30, 200)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned a quarter right
+    Image.fromarray(stored).save(tmp_path / "rotated.jpg", quality=95, exif=exif.tobytes())
+    Image.fromarray(np.rot90(stored, k=-1)).save(tmp_path / "upright.jpg", quality=95)
+    rotated, upright = predict.load_raw_images(
+        [str(tmp_path / "rotated.jpg"), str(tmp_path / "upright.jpg")], (40, 24)
+    ).astype(int)
+    assert np.abs(rotated - upright).mean() < 4
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    with pytest.raises(images_lib.BadImageError, match="empty.jpg"):
+        predict.load_images([str(tmp_path / "empty.jpg")], 32)
+
+
 def test_preprocessing_in_the_graph_resizes_and_crops_like_eval_transform():
     """Non-square inputs of other sizes: the same pixels as `eval_transform`, up to a grey level
     where the float resize lands on a rounding boundary."""
