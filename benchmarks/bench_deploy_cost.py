@@ -40,7 +40,6 @@ from mtkd_jax import export  # noqa: E402
 from mtkd_jax import student as student_lib  # noqa: E402
 from mtkd_jax.clip import CLIPConfig  # noqa: E402
 from mtkd_jax.clip.model import vision_transformer  # noqa: E402
-from mtkd_jax.experiment import TINY_RESNET  # noqa: E402
 
 RESNET18 = {
     "input_conv_filters": [64], "input_conv_kernel_sizes": [7],
@@ -81,7 +80,7 @@ def group_models(group: str) -> tuple[int, int, dict]:
             36,
             {
                 "teacher shapes CLIP (tiny-teacher)": lambda: vision_transformer(teacher),
-                "student tiny_resnet": lambda: resnet_student(TINY_RESNET, 32, 128),
+                "student tiny_resnet": lambda: resnet_student(student_lib.TINY_RESNET, 32, 128),
             },
         )
     if group == "paper":

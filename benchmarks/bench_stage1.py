@@ -7,7 +7,7 @@
 Builds the teacher (CLIP `--teacher` preset with deep prompts, as stage 0 leaves it) and the
 student (`--student` preset image encoder, frozen, with visual deep prompts and the projector)
 with random weights (no download; the cost of a step does not depend on the values), then
-times the real stage-1 step: `stages.distillation_loss` (teacher forward, student forward and
+times the real stage-1 step: `objectives.distillation_loss` (teacher forward, student forward and
 backward, all three KD levels at the paper's five temperatures) inside
 `train.make_train_step`, with the batch sharded over every device. Both precisions start from
 the same weights and see the same batch, so the first step's loss also shows how far bfloat16
@@ -32,7 +32,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 from step_timing import time_train_step  # noqa: E402
 
-from mtkd_jax import stages, train  # noqa: E402
+from mtkd_jax import objectives, train  # noqa: E402
 from mtkd_jax.clip import CLIP, CLIPConfig  # noqa: E402
 from mtkd_jax.optim import make_optimizer  # noqa: E402
 from mtkd_jax.student import clip_student  # noqa: E402
@@ -76,14 +76,14 @@ def time_step(args, dtype: str, images: np.ndarray, text: np.ndarray) -> dict:
     if attention == "xla":
         force_xla_attention(teacher, student)
     mesh = train.make_mesh()
-    loss_fn = stages.distillation_loss(
+    loss_fn = objectives.distillation_loss(
         student, teacher, temperatures=TEMPERATURES, weights=(1.0, 1.0, 1.0), kd_weight=1.0
     )
-    frozen = {
-        "teacher": train.model_variables(teacher),
-        "text": jax.numpy.asarray(text),
-        "scale": jax.numpy.float32(np.log(100.0)),
-    }
+    frozen = objectives.DistillationInputs(
+        teacher=train.model_variables(teacher),
+        text=jax.numpy.asarray(text),
+        scale=jax.numpy.float32(np.log(100.0)),
+    )
     optimizer = make_optimizer(epochs=2, warmup_epochs=1, steps_per_epoch=args.steps + 2)
     state = train.init_train_state(*train.model_variables(student), optimizer, seed=0, mesh=mesh)
     step = train.make_train_step(loss_fn, optimizer, mesh, frozen=frozen)

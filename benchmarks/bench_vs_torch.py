@@ -6,7 +6,7 @@
 
 The PyTorch side is `torch_mtkd_step.py` (Hugging Face CLIP vision towers with random weights,
 its `Stage1` / `Stage2` classes), imported from `--torch_script`; ours is `stages.
-distillation_loss` / `stages.classification_loss` inside `train.make_train_step`, the real
+distillation_loss` / `objectives.classification_loss` inside `train.make_train_step`, the real
 steps, with random weights too. The shapes are the same: teacher `--teacher` (no deep prompts,
 as the torch teacher has none), student `--student` with visual deep prompts 4 x depth 9 and
 the 512 -> 768 projector, 37 classes, the five temperatures, batch `--batch_size` at 224 px,
@@ -44,7 +44,7 @@ import jax  # noqa: E402
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
-from mtkd_jax import stages, train  # noqa: E402
+from mtkd_jax import objectives, train  # noqa: E402
 from mtkd_jax.clip import CLIP, CLIPConfig  # noqa: E402
 from mtkd_jax.optim import make_optimizer  # noqa: E402
 from mtkd_jax.student import clip_student  # noqa: E402
@@ -80,14 +80,14 @@ def jax_stage1(args, images, text, *, return_parts: bool = False):
     teacher = CLIP(teacher_config)
     student = jax_student(args.student, adapter=False)
     mesh = train.make_mesh()
-    loss_fn = stages.distillation_loss(
+    loss_fn = objectives.distillation_loss(
         student, teacher, temperatures=TEMPERATURES, weights=(1.0, 1.0, 1.0), kd_weight=1.0
     )
-    frozen = {
-        "teacher": train.model_variables(teacher),
-        "text": jax.numpy.asarray(text),
-        "scale": jax.numpy.float32(np.log(100.0)),
-    }
+    frozen = objectives.DistillationInputs(
+        teacher=train.model_variables(teacher),
+        text=jax.numpy.asarray(text),
+        scale=jax.numpy.float32(np.log(100.0)),
+    )
     run, step, state, batch = _stepper(loss_fn, student, mesh, frozen, {"images": images}, args)
     return (run, (teacher, student, step, state, batch)) if return_parts else run
 
@@ -96,14 +96,14 @@ def jax_stage2(args, images, text):
     keras.utils.set_random_seed(0)
     student = jax_student(args.student, adapter=True)
     mesh = train.make_mesh()
-    frozen = {
-        "text": jax.numpy.asarray(text),
-        "scale": jax.numpy.float32(np.log(100.0)),
-        "label_map": jax.numpy.arange(CLASSES, dtype=jax.numpy.int32),
-    }
+    frozen = objectives.ClassificationInputs(
+        text=jax.numpy.asarray(text),
+        scale=jax.numpy.float32(np.log(100.0)),
+        label_map=jax.numpy.arange(CLASSES, dtype=jax.numpy.int32),
+    )
     labels = np.random.default_rng(0).integers(0, CLASSES, len(images)).astype(np.int32)
     batch = {"images": images, "labels": labels}
-    return _stepper(stages.classification_loss(student), student, mesh, frozen, batch, args)[0]
+    return _stepper(objectives.classification_loss(student), student, mesh, frozen, batch, args)[0]
 
 
 def _stepper(loss_fn, student, mesh, frozen, batch, args):

@@ -22,7 +22,6 @@ ablation that removes it can show little (docs/reproducing.md).
 import argparse
 import dataclasses
 import json
-import types
 from pathlib import Path
 
 import jax
@@ -93,40 +92,43 @@ def paper_sizes():
 
 def demo(workdir: Path):
     from mtkd_jax import config as config_lib
-    from mtkd_jax import experiment, stages, train
+    from mtkd_jax import experiment, handoff, objectives, stages, train
+    from mtkd_jax import student as student_lib
+    from mtkd_jax import teacher as teacher_lib
+    from mtkd_jax import workdir as workdir_lib
     from mtkd_jax.data import pipeline
 
     saved = json.loads((workdir / "flags.json").read_text())
     fields = {f.name for f in dataclasses.fields(config_lib.RunConfig)}
     config = config_lib.RunConfig(**{k: (tuple(v) if isinstance(v, list) else v)
                                      for k, v in saved.items() if k in fields})  # fmt: skip
-    teacher = experiment.build_teacher(
-        config, config.teacher_prompt_length, config.teacher_prompt_depth
-    )
-    experiment.load_prompts(teacher, workdir / experiment.TEACHER_PROMPTS_FILE)
-    with np.load(workdir / experiment.TEXT_FEATURES_FILE) as archive:
-        text, scale = jnp.asarray(archive["text_features"]), jnp.float32(archive["logit_scale"])
-    image_size = config.image_size or teacher.config.image_size
-    ctx = types.SimpleNamespace(config=config, teacher=teacher, image_size=image_size)
+    teacher = teacher_lib.build_teacher(config)
+    teacher_lib.load_prompts(teacher, workdir / workdir_lib.TEACHER_PROMPTS_FILE)
     dataset = experiment.load_data(config)
-    # Stage 1's own first batch (Context.epoch_seed of "stage1", epoch 0).
-    first_epoch_seed = config.seed * 1_000_003 + experiment.hash_stage("stage1") * 10_007
+    text, scale = handoff.read_text_features(workdir, dataset.classnames)
+    text, scale = jnp.asarray(text), jnp.float32(scale)
+    image_size = config.image_size or teacher.config.image_size
+    # Stage 1's own first batch.
+    first_epoch_seed = stages.STAGE1.epoch_seed(config.seed, 0)
     batch = next(iter(pipeline.make_batches(
         dataset.split("train"), image_size=image_size, batch_size=config.batch_size,
         training=True, seed=first_epoch_seed, labeled=False, min_crop_scale=config.min_crop_scale,
     )))  # fmt: skip
-    frozen = {"teacher": train.model_variables(teacher), "text": text, "scale": scale}
+    frozen = objectives.DistillationInputs(train.model_variables(teacher), text, scale)
     rows = []
     trained = workdir / "student_stage1.weights.h5"
     for name, weights in (("fresh student (stage-1 start)", None), ("trained stage 1", trained)):
-        student = experiment.build_student(ctx, adapter=False)
+        student = student_lib.build_student(
+            config, teacher_dim=text.shape[1], image_size=image_size, adapter=False
+        )
         if weights is not None:
             student.load_weights(str(weights))
         trainable, non_trainable = train.model_variables(student)
         shares = {}
         for level in LEVELS:
-            loss_fn = stages.distillation_loss(student, teacher, temperatures=TEMPERATURES,
-                                               weights=ONE_HOT[level], kd_weight=1.0)  # fmt: skip
+            loss_fn = objectives.distillation_loss(
+                student, teacher, temperatures=TEMPERATURES, weights=ONE_HOT[level], kd_weight=1.0
+            )
 
             def value(t, loss_fn=loss_fn, non_trainable=non_trainable):
                 return loss_fn(t, non_trainable, dict(batch), None, frozen)[0]

@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/profile_stage1.py --teacher=B32 --student=B32 --batch_size=2
 
 Builds the step of `bench_vs_torch.py` (teacher `--teacher` without prompts, student
-`--student` with deep prompts 4 x depth 9, the real `stages.distillation_loss` inside
+`--student` with deep prompts 4 x depth 9, the real `objectives.distillation_loss` inside
 `train.make_train_step`) and prints JSON lines:
 
 - `phases`: median seconds of the teacher's forward pass alone, the student's forward pass
@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from bench_vs_torch import CLASSES, PRESETS, TEACHER_DIM, jax_stage1
 
-from mtkd_jax import stages, train
+from mtkd_jax import objectives, train
 
 
 def classify_hlo(hlo_text: str) -> dict[str, str]:
@@ -143,7 +143,7 @@ def main() -> None:
     run, parts = jax_stage1(args, images, text, return_parts=True)
     teacher, student, step, state, batch = parts
     teacher_forward = jax.jit(
-        lambda variables, x: stages.teacher_logits_fn(teacher)(variables, x, text, 4.6)
+        lambda variables, x: objectives.teacher_logits_fn(teacher)(variables, x, text, 4.6)
     )
     teacher_variables = train.model_variables(teacher)
     student_variables = train.model_variables(student)

@@ -9,14 +9,13 @@ import dataclasses
 import math
 import re
 
+from mtkd_jax import stages
 from mtkd_jax.errors import InputError
 
-STAGES = ("0", "1", "2", "all")
 DTYPES = ("float32", "bfloat16")
 UNLABELED_POOLS = ("fewshot", "train")
 OPTIMIZERS = ("sgd", "adamw")
 DATA_SOURCES = ("auto", "tfds", "coop")
-BASELINES = ("zero_shot", "supervised", "instance_only")
 STAGE2_CLASSES = ("base", "all")
 EPOCH_SELECTIONS = ("last", "val", "test_base")  # mtkd_jax.selection.CRITERIA
 PAPER_TEACHER = "keras_hub:clip_vit_large_patch14"
@@ -96,16 +95,11 @@ class RunConfig:
     export: bool = True
     baselines: tuple[str, ...] = ()
 
-    def epochs_for(self, stage: str) -> int:
-        """The number of epochs of stage "0", "1", "2" or of the "supervised" baseline (0 in the
-        override means `epochs`)."""
-        overrides = {
-            "0": self.teacher_epochs,
-            "2": self.adapter_epochs,
-            "supervised": self.supervised_epochs,
-        }
-        override = overrides.get(stage, 0)
-        return override or self.epochs
+    @property
+    def keras_dtype(self) -> str | None:
+        """The Keras dtype policy of the models: "mixed_bfloat16" for `--dtype=bfloat16`, else
+        None (Keras's float32)."""
+        return "mixed_bfloat16" if self.dtype == "bfloat16" else None
 
     @property
     def pool_shots(self) -> int:
@@ -231,12 +225,12 @@ DEMO_SETTINGS = {
 # The settings that take one of a fixed set of values (a list of them for tuple fields): the
 # command line refuses anything else at parsing, `RunConfig.validate` in the library.
 CHOICES = {
-    "stage": STAGES,
+    "stage": stages.STAGE_CHOICES,  # "0", "1", "2", "all": from the stages' steps
     "dtype": DTYPES,
     "unlabeled_pool": UNLABELED_POOLS,
     "optimizer": OPTIMIZERS,
     "data_source": DATA_SOURCES,
-    "baselines": BASELINES,
+    "baselines": stages.BASELINES,
     "stage2_classes": STAGE2_CLASSES,
     "epoch_selection": EPOCH_SELECTIONS,
 }

@@ -17,7 +17,7 @@ import typing
 from absl import app, flags
 
 from mtkd_jax import config as config_lib
-from mtkd_jax import errors
+from mtkd_jax import errors, stages
 from mtkd_jax.distributed import PrimaryProcessError
 
 # Errors that mean "the input, the run's state or the machine is not right": one line each.
@@ -30,7 +30,14 @@ BUG_REPORT = (
 )
 
 HELP = {
-    "stage": "Which stage to run: 0 (teacher prompt tuning), 1 (distillation), 2 (adapter), all.",
+    "stage": "Which stage to run, or all of them in order: "
+    + "; ".join(
+        f"{step}: {s.name}, {s.summary}"
+        for step in stages.STEPS
+        for s in stages.STAGES
+        if step in s.steps and not s.baseline
+    )
+    + ".",
     "dataset": "Dataset name (e.g. oxford_pets, dtd, eurosat, shapes) or folder:/path/to/classes.",
     "data_source": "Where the data comes from: tfds, coop (CoOp DATA/ layout) or auto.",
     "data_root": "Root of the CoOp-style DATA/ folder (coop and medical datasets).",
@@ -115,9 +122,13 @@ HELP = {
     "(earlier stages stay). Only a workdir mtkd_jax created (it holds .mtkd_jax_workdir) is "
     "cleared.",
     "export": "Export the deployable student (one .keras file) after stage 2.",
-    "baselines": "Extra methods to run for comparison: zero_shot (the teacher CLIP without "
-    "prompts), supervised (the student trained on the K shots only), instance_only (stage 1 with "
-    "the instance-level loss only).",
+    "baselines": "Extra methods to run for comparison, with the --stage they belong to: "
+    + "; ".join(
+        f"{s.baseline} ({s.summary}; --stage={'/'.join(s.steps)})"
+        for s in stages.STAGES
+        if s.baseline
+    )
+    + ".",
 }
 
 

@@ -55,6 +55,35 @@ def harmonic_mean(base: float, novel: float) -> float:
     return 2.0 * base * novel / (base + novel)
 
 
+def accuracy(logits, labels, class_ids) -> float:
+    """Accuracy among `class_ids` only, of the images whose label is in `class_ids`.
+
+    Args:
+      logits: `[N, C]` logits over all classes.
+      labels: `[N]` original label ids.
+      class_ids: the label ids competing (e.g. the novel classes); NaN when no image has one.
+    """
+    import numpy as np
+
+    logits, labels, class_ids = np.asarray(logits), np.asarray(labels), np.asarray(class_ids)
+    keep = np.isin(labels, class_ids)
+    if not keep.any():
+        return float("nan")
+    restricted = logits[keep][:, class_ids]
+    return float(np.mean(class_ids[np.argmax(restricted, axis=1)] == labels[keep]))
+
+
+def base_novel_accuracies(logits, labels, dataset, base_to_novel: bool) -> dict[str, float]:
+    """`{"base", "novel", "hm", "all"}` accuracies in [0, 1] from test logits `[N, C]` and
+    labels `[N]` of `dataset` (a `FewShotDataset`); "base", "novel", "hm" with `base_to_novel`."""
+    result = {"all": accuracy(logits, labels, dataset.class_ids("all"))}
+    if base_to_novel:
+        base = accuracy(logits, labels, dataset.class_ids("base"))
+        novel = accuracy(logits, labels, dataset.class_ids("novel"))
+        result.update(base=base, novel=novel, hm=harmonic_mean(base, novel))
+    return result
+
+
 def accuracy_row(
     base: float | None = None, novel: float | None = None, all: float | None = None
 ) -> dict[str, float]:

@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 
 from mtkd_jax import atomic, distributed
+from mtkd_jax import workdir as workdir_lib
 
 CRITERIA = ("last", "val", "test_base")
-BEST_FILE = "{stage}_best_epoch.npz"
 
 
 class EpochSelector:
@@ -42,7 +42,7 @@ class EpochSelector:
                 f"An EpochSelector needs one of {', '.join(CRITERIA[1:])}. Received {criterion!r}."
             )
         self.criterion, self.stage = criterion, stage
-        self.path = Path(workdir) / BEST_FILE.format(stage=stage)
+        self.path = Path(workdir) / workdir_lib.best_epoch_file(stage)
         self.epoch, self.score = -1, -math.inf
         self.trainable: list[np.ndarray] | None = None
         self.non_trainable: list[np.ndarray] | None = None

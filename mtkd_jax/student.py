@@ -312,6 +312,74 @@ def backbone_student(
     )
 
 
+# The embedded students, built from random weights and trained whole. `tiny_resnet` (the
+# demo's) is keras-hub's ResNet in a small shape: 14.5 MFLOPs per 32-px image against the shapes
+# teacher's 121 (XLA's count, `measured_flops`), 8x fewer. `tiny_vit` is a 2-layer CLIP ViT (7.6x
+# fewer); it exercises the CLIP-student path (prompts, `clip_student`) in smoke runs.
+TINY_RESNET = {
+    "input_conv_filters": [64], "input_conv_kernel_sizes": [3], "stackwise_num_filters": [64, 128],
+    "stackwise_num_blocks": [1, 1], "stackwise_num_strides": [1, 2], "block_type": "basic_block",
+}  # fmt: skip
+TINY_VIT = {
+    "embed_dim": 64, "image_size": 32, "patch_size": 4, "vision_width": 64, "vision_layers": 2,
+    "vision_heads": 2, "text_width": 64, "text_layers": 1, "text_heads": 2,
+}  # fmt: skip
+
+
+def init_seed(seed: int) -> int:
+    """The seed every fresh student of a run is built from: a function of the run's seed only,
+    so every student of the run (each stage-1 variant, the supervised baseline) starts from the
+    same initial weights."""
+    from mtkd_jax.stages import stable_hash
+
+    return (int(seed) * 1_000_003 + stable_hash("student")) % (2**31 - 1)
+
+
+def build_student(config, *, teacher_dim: int, image_size: int, adapter: bool) -> Student:
+    """A fresh student for `config.student` (`RunConfig`), adapter in use when `adapter`.
+
+    `tiny_resnet` (the demo's) and `tiny_vit` are trained whole from random weights;
+    `clip:<source>` is the paper's frozen CLIP image encoder (loaded from `<source>`) with
+    visual deep prompts; `keras_hub:<preset>` a light keras-hub backbone trained whole.
+    """
+    from mtkd_jax.config import STUDENT_KINDS
+    from mtkd_jax.errors import InputError
+
+    spec, dtype = config.student, config.keras_dtype
+    keras.utils.set_random_seed(init_seed(config.seed))
+    common = dict(
+        use_adapter=adapter,
+        adapter_reduction=config.reduction,
+        adapter_ratio=config.residual_ratio,
+        dtype=dtype,
+    )
+    prompts = dict(
+        prompt_length=config.student_prompt_length, prompt_depth=config.student_prompt_depth
+    )
+    if spec == "tiny_vit":
+        vit = CLIPConfig(**{**TINY_VIT, "image_size": image_size})
+        student = clip_student(vit, teacher_dim, **prompts, **common)
+        if not adapter:  # From scratch: the whole encoder learns in stage 1.
+            for layer in student.encoder.encoder_layers():
+                layer.trainable = True
+        return student
+    if spec == "tiny_resnet":
+        import keras_hub
+
+        backbone = keras_hub.models.ResNetBackbone(
+            **{**TINY_RESNET, "image_shape": (image_size, image_size, 3)}, dtype=dtype
+        )
+        return backbone_student(backbone, teacher_dim, **common)
+    if spec.startswith("clip:"):
+        from mtkd_jax.clip.load import load as load_clip
+
+        clip = load_clip(spec[len("clip:") :], dtype=dtype or "float32")
+        return clip_student(clip, teacher_dim, **prompts, **common)
+    if spec.startswith("keras_hub:"):
+        return backbone_student(spec[len("keras_hub:") :], teacher_dim, **common)
+    raise InputError(f"Unknown --student={spec!r}. Valid kinds: {', '.join(STUDENT_KINDS)}.")
+
+
 def measured_flops(model: keras.Layer, image_shape: tuple[int, int, int]) -> float:
     """FLOPs of one image through `model` (inference), as XLA's cost analysis counts them."""
     import jax

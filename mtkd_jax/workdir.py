@@ -11,36 +11,50 @@ A folder holding nothing but a sweep's `log.txt` is claimed like an empty one. A
 unmarked folder that holds only names of the run layout (a workdir of an mtkd_jax from before
 the marker) is claimed by a run without `--overwrite`, which removes nothing.
 
-This module imports neither Keras nor TensorFlow.
+This module imports neither Keras nor TensorFlow. It names every file of the run layout.
 """
 
+import dataclasses
 import json
 import os
 import shutil
 from pathlib import Path
 
-from mtkd_jax import atomic, errors
+from mtkd_jax import atomic, checkpoint, errors, stages
 
 MARKER = ".mtkd_jax_workdir"
+FLAGS_FILE = "flags.json"
+METRICS_FILE = "metrics.jsonl"
+TEXT_FEATURES_FILE = "text_features.npz"  # the teacher's class text features (mtkd_jax.handoff)
+STUDENT_ARCHITECTURE_FILE = "student_architecture.json"  # the student's Keras config (handoff)
+TEACHER_PROMPTS_FILE = "teacher_prompts.npz"  # the stage-0 deep prompts (mtkd_jax.teacher)
+RESULTS_FILE = "results.json"
+PLOT_FILE = "results.png"
+EXPORT_FILE = "student.keras"
+
+
+def weights_file(stage_name: str) -> str:
+    """The student weights a student stage writes: `student_<stage>.weights.h5`."""
+    return f"student_{stage_name}.weights.h5"
+
+
+def best_epoch_file(stage_name: str) -> str:
+    """`--epoch_selection`'s best epoch of a student stage (`mtkd_jax.selection`)."""
+    return f"{stage_name}_best_epoch.npz"
+
 
 # Every entry a run writes directly into its workdir (see the README, "The workdir").
 OWNED_FILES = (
-    "flags.json",
-    "metrics.jsonl",
-    "text_features.npz",
-    "teacher_prompts.npz",
-    "student_stage1.weights.h5",
-    "student_stage2.weights.h5",
-    "student_stage1_instance_only.weights.h5",
-    "student_supervised.weights.h5",
-    "results.json",
-    "results.png",
-    "student.keras",
-    # --epoch_selection's best epoch per student stage (mtkd_jax.selection.BEST_FILE).
-    "stage1_best_epoch.npz",
-    "stage1_instance_only_best_epoch.npz",
-    "stage2_best_epoch.npz",
-    "supervised_best_epoch.npz",
+    FLAGS_FILE,
+    METRICS_FILE,
+    TEXT_FEATURES_FILE,
+    STUDENT_ARCHITECTURE_FILE,
+    TEACHER_PROMPTS_FILE,
+    *(weights_file(stage.name) for stage in stages.STAGES if stage.trains_student),
+    RESULTS_FILE,
+    PLOT_FILE,
+    EXPORT_FILE,
+    *(best_epoch_file(stage.name) for stage in stages.STAGES if stage.trains_student),
 )
 OWNED_DIRS = ("checkpoints", "tensorboard")
 OWNED_ENTRIES = OWNED_FILES + OWNED_DIRS
@@ -94,6 +108,79 @@ def claim(workdir: str | os.PathLike, *, overwrite: bool) -> Path:
     workdir.mkdir(parents=True, exist_ok=True)
     atomic.write_text(workdir / MARKER, json.dumps({"written_by": "mtkd_jax", "version": 1}) + "\n")
     return workdir
+
+
+def prepare(config) -> Path:
+    """Claims `config.workdir` and records the flags; never overwrites finished work silently.
+
+    A workdir that already holds checkpoints of the stages this run would train is refused
+    before anything is written, unless `--resume` (continue, reusing finished stages) or
+    `--overwrite` (start those stages afresh: `--stage=all` removes the run layout's files, a
+    single stage removes only its own checkpoints). Only a workdir that carries the marker is
+    ever cleared, and only of what mtkd_jax writes. Other stages' work (stage 1 when running
+    stage 2) is what this run builds on and is left alone.
+    """
+    workdir = claim(config.workdir, overwrite=config.overwrite)
+    names = [stage.name for stage in stages.selected(config) if stage.trains]
+    directory = checkpoint.checkpoint_dir(workdir)
+    if config.overwrite and config.stage == "all":
+        removed = remove_run(workdir)
+        if removed:
+            print(f"--overwrite: removed {', '.join(removed)} from {workdir}")
+    elif config.overwrite:
+        print(f"--overwrite: removing the checkpoints of {', '.join(names)} in {workdir}")
+        for name in names:
+            for path in checkpoint.list_checkpoints(directory, name):
+                path.unlink()
+            checkpoint.finished_marker(workdir, name).unlink(missing_ok=True)
+    elif not config.resume:
+        used = [
+            name
+            for name in names
+            if checkpoint.latest(directory, name) is not None
+            or checkpoint.is_finished(workdir, name)
+        ]
+        if used:
+            raise FileExistsError(
+                f"{workdir} already holds {', '.join(used)} of an earlier run. Nothing is "
+                "overwritten silently: pass --resume to continue it (finished stages are reused), "
+                "--overwrite to start afresh, or choose another --workdir."
+            )
+    atomic.write_json(workdir / FLAGS_FILE, dataclasses.asdict(config))
+    return workdir
+
+
+def write_npz(path: Path, **arrays) -> None:
+    """`np.savez` (no pickles) to `path`, atomically; by process 0 of a multi-process run."""
+    import numpy as np
+
+    from mtkd_jax import distributed
+
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+
+    def write():
+        with atomic.replacing(path, suffix=".npz") as tmp:
+            np.savez(tmp, **arrays)
+
+    distributed.on_primary(write, what=f"writing {path}")
+
+
+def write_weights(model, path: Path) -> None:
+    """`model.save_weights` (Keras .weights.h5) to `path`, atomically; by process 0."""
+    from mtkd_jax import distributed
+
+    def write():
+        with atomic.replacing(path, suffix=".weights.h5") as tmp:
+            model.save_weights(str(tmp))
+
+    distributed.on_primary(write, what=f"writing {path}")
+
+
+def write_json(path: Path, value) -> None:
+    """JSON to `path`, atomically; by process 0."""
+    from mtkd_jax import distributed
+
+    distributed.on_primary(lambda: atomic.write_json(path, value), what=f"writing {path}")
 
 
 def remove_run(workdir: str | os.PathLike) -> list[str]:

@@ -126,9 +126,9 @@ def test_a_misspelled_baseline_is_refused_and_the_help_names_every_baseline():
     with pytest.raises(flags.IllegalFlagValueError, match="'instace_only'.*instance_only"):
         _parse(["--baselines=zero_shot,instace_only"])
     assert _parse(["--baselines=zero_shot,supervised"]).baselines == ("zero_shot", "supervised")
-    for name in config_lib.BASELINES:
+    for name in config_lib.CHOICES["baselines"]:
         assert name in main_lib.HELP["baselines"]
-    with pytest.raises(errors.InputError, match="baselines.*zero_shot, supervised"):
+    with pytest.raises(errors.InputError, match="baselines.*zero_shot, instance_only, supervised"):
         config_lib.demo_config(baselines=("zero_shot", "supervise")).validate()
 
 

@@ -176,7 +176,7 @@ def test_results_json_lists_the_skipped_images(tmp_path):
     images.record_skipped("/data/b/notes.jpg", "it is not an image file")
     ctx = types.SimpleNamespace(workdir=tmp_path, results={"methods": {}})
     experiment.write_results(ctx)
-    written = json.loads((tmp_path / experiment.RESULTS_FILE).read_text())
+    written = json.loads((tmp_path / "results.json").read_text())
     assert written["skipped_images"] == {"/data/b/notes.jpg": "it is not an image file"}
 
 

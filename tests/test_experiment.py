@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mtkd_jax import checkpoint, experiment
+from mtkd_jax import checkpoint, experiment, stages
 from mtkd_jax import config as config_lib
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,21 +77,19 @@ def test_each_stage_and_the_baseline_train_for_their_own_epochs(finished_run):
         last_epoch[record["stage"]] = max(last_epoch.get(record["stage"], -1), record["epoch"])
     demo = config_lib.demo_config(**SHRUNK_DEMO)
     assert last_epoch == {
-        "stage0": demo.epochs_for("0") - 1,
-        "stage1": demo.epochs_for("1") - 1,
-        "stage2": demo.epochs_for("2") - 1,
-        "supervised": demo.epochs_for("supervised") - 1,
+        name: stages.get(name).epochs(demo) - 1
+        for name in ("stage0", "stage1", "stage2", "supervised")
     }
-    assert last_epoch["supervised"] == 99  # the demo's full baseline, not shrunk
+    assert last_epoch == {"stage0": 1, "stage1": 2, "stage2": 9, "supervised": 99}
 
 
 def test_demo_student_has_at_least_five_times_fewer_image_flops_than_the_teacher():
     from mtkd_jax.shapes_clip import load_shapes_clip
-    from mtkd_jax.student import backbone_student, measured_flops
+    from mtkd_jax.student import TINY_RESNET, backbone_student, measured_flops
 
     teacher = load_shapes_clip(prompt_length=4, prompt_depth=3)
     image_shape = (teacher.config.image_size,) * 2 + (3,)
-    backbone = keras_hub.models.ResNetBackbone(**experiment.TINY_RESNET, image_shape=image_shape)
+    backbone = keras_hub.models.ResNetBackbone(**TINY_RESNET, image_shape=image_shape)
     student = backbone_student(backbone, teacher.config.embed_dim)
     ratio = measured_flops(teacher.visual, image_shape) / measured_flops(student, image_shape)
     assert ratio >= 5.0, ratio
@@ -115,6 +113,7 @@ def test_run_writes_every_documented_file(finished_run):
         "flags.json",
         "metrics.jsonl",
         "text_features.npz",
+        "student_architecture.json",
         "teacher_prompts.npz",
         "student_stage1.weights.h5",
         "student_stage2.weights.h5",
@@ -237,17 +236,72 @@ def test_overwriting_one_stage_keeps_the_stages_it_builds_on(tmp_path):
     assert all(np.array_equal(kept[name], stage1[name]) for name in stage1)
 
 
-def test_stage2_without_stage1_names_the_command_before_any_work(tmp_path, monkeypatch):
-    def loaded(*args, **kwargs):
-        raise AssertionError("stage 2 without a stage-1 student loaded data or a model first")
+def _forbid_model_loading(monkeypatch):
+    """Makes every way of building the teacher or a pretrained/fresh student fail loudly."""
+    import importlib
 
-    for name in ("load_data", "build_teacher", "build_student"):
-        monkeypatch.setattr(experiment, name, loaded)
+    import keras_hub
+
+    from mtkd_jax import shapes_clip, student, teacher
+
+    load = importlib.import_module("mtkd_jax.clip.load")
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("stage 2 built a teacher or a student from its source")
+
+    for module, name in (
+        (teacher, "build_teacher"),
+        (teacher, "build_tokenizer"),
+        (student, "build_student"),
+        (load, "load"),
+        (shapes_clip, "load_shapes_clip"),
+        (keras_hub.models.Backbone, "from_preset"),
+    ):
+        monkeypatch.setattr(module, name, loaded)
+
+
+def test_stage2_without_stage1_names_the_command_before_any_work(tmp_path, monkeypatch):
+    from mtkd_jax.errors import InputError
+
+    _forbid_model_loading(monkeypatch)
+    monkeypatch.setattr(experiment, "load_data", lambda *a, **k: pytest.fail("loaded the data"))
     workdir = tmp_path / "run"
-    with pytest.raises(FileNotFoundError, match=r"python -m mtkd_jax.main --stage=1"):
+    with pytest.raises(InputError, match=r"python -m mtkd_jax.main --stage=1 --dataset=shapes"):
         experiment.run(smoke_config(workdir, stage="2", teacher_prompt_length=0,
                                     teacher_prompt_depth=0))  # fmt: skip
     assert not workdir.exists()  # nothing was written either
+
+
+def test_stage2_reads_stage1s_files_and_builds_no_teacher_and_no_student(
+    finished_run, tmp_path, monkeypatch
+):
+    """`--stage=2` into a finished stage-1 workdir: no teacher, no pretrained or fresh student,
+    no teacher evaluation, and the same stage-2 student as the full run's."""
+    import shutil
+
+    workdir = tmp_path / "copy"
+    shutil.copytree(finished_run[0], workdir)
+    full = json.loads((workdir / "results.json").read_text())["methods"]
+    _forbid_model_loading(monkeypatch)
+    evaluated = []
+    real_evaluate = experiment.Context.evaluate
+
+    def evaluate(ctx, method, *args):
+        evaluated.append(method)
+        return real_evaluate(ctx, method, *args)
+
+    monkeypatch.setattr(experiment.Context, "evaluate", evaluate)
+    settings = {**SHRUNK_DEMO, "baselines": ()}
+    config = config_lib.demo_config(workdir=str(workdir), stage="2", overwrite=True, **settings)
+    results = experiment.run(config)
+
+    assert evaluated == ["student_stage2"]
+    assert results["methods"]["teacher"] == full["teacher"]  # stage 1's record, kept
+    assert results["methods"]["student_stage2"] == full["student_stage2"]
+    kept, rerun = (_weights(d / "student_stage2.weights.h5") for d in (finished_run[0], workdir))
+    assert kept.keys() == rerun.keys()
+    for name in kept:
+        np.testing.assert_array_equal(rerun[name], kept[name])
 
 
 def test_resumed_stage1_ends_like_an_uninterrupted_one(tmp_path, monkeypatch):

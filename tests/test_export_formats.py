@@ -19,7 +19,7 @@ from PIL import Image
 from mtkd_jax import export, predict
 from mtkd_jax import student as student_lib
 from mtkd_jax.data import preprocess, shapes
-from mtkd_jax.experiment import TINY_RESNET
+from mtkd_jax.student import TINY_RESNET
 
 ROOT = Path(__file__).resolve().parents[1]
 FLOAT_FORMATS = ("onnx", "litert", "saved_model")

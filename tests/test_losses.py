@@ -330,7 +330,7 @@ def test_relation_matrices_are_multiplied_in_full_float32(level):
 
 
 def test_class_logits_are_full_float32_scaled_cosines():
-    from mtkd_jax.stages import class_logits
+    from mtkd_jax.objectives import class_logits
 
     rng = np.random.default_rng(3)
     image = rng.normal(size=(4, 8)).astype(np.float32)

@@ -49,9 +49,14 @@ class _FitSpy:
     def __init__(self, original):
         self.original, self.seen = original, {}
 
-    def __call__(self, ctx, stage, model, loss_fn, frozen, split, **kwargs):
-        self.seen[stage] = (len(split), set(split.labels.tolist()), frozen.get("text"))
-        return self.original(ctx, stage, model, loss_fn, frozen, split, **kwargs)
+    def __call__(self, ctx, stage, model, loss_fn, frozen):
+        split = stage.data(ctx)
+        self.seen[stage.name] = (
+            len(split),
+            set(split.labels.tolist()),
+            getattr(frozen, "text", None),
+        )
+        return self.original(ctx, stage, model, loss_fn, frozen)
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,9 @@ class _Stop(Exception):
 
 @pytest.fixture
 def stop_after_workdir(monkeypatch):
-    """`experiment.run` up to and including `_prepare_workdir`, nothing after."""
+    """`experiment.run` up to and including `workdir.prepare`, nothing after."""
     prepared = []
-    original = experiment._prepare_workdir
+    original = workdir_lib.prepare
 
     def prepare(config):
         prepared.append(original(config))
@@ -27,7 +27,7 @@ def stop_after_workdir(monkeypatch):
     def load_data(config):
         raise _Stop
 
-    monkeypatch.setattr(experiment, "_prepare_workdir", prepare)
+    monkeypatch.setattr(workdir_lib, "prepare", prepare)
     monkeypatch.setattr(experiment, "load_data", load_data)
     return prepared
 
