@@ -36,6 +36,8 @@ from mtkd_jax import atomic, errors
 
 CHECKPOINT_SUBDIR = "checkpoints"
 FORMAT_VERSION = 1
+# Checkpoints of a stage that `save` keeps by default (older ones are deleted); `train.fit` uses it.
+KEEP_PER_STAGE = 3
 _METADATA_KEY = "__metadata__"
 _NAME_PATTERN = re.compile(r"^ckpt-(?P<stage>.+)-(?P<step>\d{9})\.npz$")
 # numpy cannot store these natively; they are saved as same-width unsigned ints and viewed back.
@@ -80,7 +82,7 @@ def save(
     state: Any,
     metadata: Mapping[str, Any],
     *,
-    keep: int | None = 3,
+    keep: int | None = KEEP_PER_STAGE,
 ) -> Path:
     """Writes `state` and `metadata` atomically as one `.npz`; keeps the last `keep` of the stage.
 

@@ -148,7 +148,6 @@ def load_classifier(path: str | os.PathLike) -> DeployedClassifier:
 
 METADATA_KEY = "mtkd_jax"
 FORMATS = ("onnx", "litert", "saved_model")
-SUFFIXES = {"onnx": ".onnx", "litert": ".tflite", "saved_model": ".saved_model"}
 OUTPUT_NAMES = ("probabilities", "logits")
 SAVED_MODEL_METADATA = "mtkd_jax.json"  # in the SavedModel's assets.extra/
 

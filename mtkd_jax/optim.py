@@ -19,32 +19,10 @@ carry it.
 
 from __future__ import annotations
 
-import math
-
 import jax.numpy as jnp
 import optax
 
 OPTIMIZERS = ("sgd", "adamw")
-
-
-def epoch_learning_rate(
-    epoch: int, *, learning_rate: float, epochs: int, warmup_epochs: int, warmup_lr: float
-) -> float:
-    """The learning rate of one epoch under the constant-warm-up + cosine schedule (a Python float).
-
-    Args:
-        epoch: the 0-based epoch index.
-        learning_rate: the peak rate, reached at the first epoch after the warm-up.
-        epochs: the total number of epochs, warm-up included (the cosine's period).
-        warmup_epochs: how many leading epochs run at `warmup_lr`.
-        warmup_lr: the constant warm-up rate.
-
-    Returns:
-        The rate used for every step of `epoch`.
-    """
-    if epoch < warmup_epochs:
-        return float(warmup_lr)
-    return 0.5 * learning_rate * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
 
 
 def make_lr_schedule(

@@ -494,12 +494,9 @@ def fit(
     workdir: str | os.PathLike,
     stage_name: str,
     resume: bool = False,
-    checkpoint_every_epoch: bool = True,
-    keep_checkpoints: int | None = 3,
     log_every: int = 50,
     eval_fn: Callable[[TrainState, int], Mapping[str, float]] | None = None,
     eval_every: int = 0,
-    callbacks: Sequence[Callable[[TrainState, dict[str, Any]], None]] = (),
     metadata: Mapping[str, Any] | None = None,
     tensorboard: bool = True,
     progress: bool = True,
@@ -518,8 +515,9 @@ def fit(
     `tensorboard`); a non-finite loss or norm raises `NonFiniteLossError` with its step, before
     any checkpoint of that state; every `eval_every` epochs `eval_fn(state, epoch)` runs and its
     results are logged with `"kind": "eval"`; the state is checkpointed (atomically) to
-    `<workdir>/checkpoints`; `callbacks(state, logs)` run. At the end the stage is marked
-    finished, so a later run into the same workdir resumes (`resume=True`) or is refused.
+    `<workdir>/checkpoints` after every epoch, keeping the stage's last
+    `checkpoint.KEEP_PER_STAGE`. At the end the stage is marked finished, so a later run into the
+    same workdir resumes (`resume=True`) or is refused.
 
     Args:
         state: the initial state (ignored, except as the structure to restore into, when
@@ -532,13 +530,10 @@ def fit(
         stage_name: e.g. "stage1"; names checkpoints, log lines and the finished marker.
         resume: continue from the latest checkpoint of this stage in `workdir`; without it a
             workdir that holds this stage is refused.
-        checkpoint_every_epoch: checkpoint after every epoch (else only at the end).
-        keep_checkpoints: how many checkpoints of the stage to keep.
         log_every: steps between log lines (and host syncs).
-        eval_fn: `eval_fn(state, epoch) -> {name: float}`; must not keep `state`.
-        eval_every: run `eval_fn` every this many epochs (0: never).
-        callbacks: `callback(state, logs)` after each epoch; must not keep `state` (its buffers
+        eval_fn: `eval_fn(state, epoch) -> {name: float}`; must not keep `state` (its buffers
             are donated to the next step).
+        eval_every: run `eval_fn` every this many epochs (0: never).
         metadata: extra JSON stored in every checkpoint (e.g. the flags).
         tensorboard: also write TensorBoard scalars (via `tf.summary`, TensorFlow kept on CPU).
         progress: show the tqdm bars.
@@ -574,11 +569,11 @@ def fit(
         if is_writer:
             meta = dict(metadata or {}, stage=stage_name, epoch=epoch, step=_host_int(state.step))
             meta["rng"] = np.asarray(_host(state.rng)).tolist()
-            checkpoint.save(directory, state, meta, keep=keep_checkpoints)
+            checkpoint.save(directory, state, meta)
 
     try:
         for epoch in range(start_epoch, num_epochs):
-            state, epoch_logs = _run_epoch(
+            state = _run_epoch(
                 state,
                 step_fn,
                 batches_for_epoch(epoch),
@@ -595,11 +590,7 @@ def fit(
                 step = _host_int(state.step)
                 log.write({"stage": stage_name, "kind": "eval", "epoch": epoch, "step": step,
                            **results})  # fmt: skip
-                epoch_logs.update({f"eval_{k}": v for k, v in results.items()})
-            if checkpoint_every_epoch or epoch == num_epochs - 1:
-                save(epoch)
-            for callback in callbacks:
-                callback(state, epoch_logs)
+            save(epoch)
         if is_writer:
             checkpoint.mark_finished(
                 workdir, stage_name, {"epochs": num_epochs, "step": _host_int(state.step)}
@@ -615,14 +606,14 @@ def _run_epoch(
     state, step_fn, batches, *, epoch, num_epochs, steps_per_epoch, stage_name, log_every, log,
     progress,
 ):  # fmt: skip
-    """One epoch of steps; returns the state and the epoch's mean measurements."""
+    """One epoch of steps; returns the state."""
     bar = tqdm(
         total=steps_per_epoch,
         desc=f"{stage_name} epoch {epoch + 1}/{num_epochs}",
         disable=not progress,
         dynamic_ncols=True,
     )
-    pending, sums, count = [], {}, 0
+    pending = []
     first_step = _host_int(state.step)
     last_time, images = time.perf_counter(), 0
     taken = 0
@@ -643,10 +634,6 @@ def _run_epoch(
                 log.write({"stage": stage_name, "kind": "train", "epoch": epoch,
                            "step": first_step + taken, **mean, "images_per_s": rate})  # fmt: skip
                 bar.set_postfix(loss=f"{mean['loss']:.4g}", img_s=f"{rate:.1f}")
-                for v in values:
-                    for k, x in v.items():
-                        sums[k] = sums.get(k, 0.0) + float(x)
-                count += len(values)
                 pending, last_time, images = [], now, 0
     if taken < steps_per_epoch:
         raise ValueError(
@@ -654,9 +641,7 @@ def _run_epoch(
             f"steps_per_epoch={steps_per_epoch} per epoch (the pipeline must repeat or be long "
             "enough, with drop_remainder)."
         )
-    epoch_logs = {k: s / count for k, s in sums.items()}
-    epoch_logs.update(epoch=epoch, step=first_step + taken)
-    return state, epoch_logs
+    return state
 
 
 def _check_finite(values: list[dict], stage_name: str, epoch: int, first_step: int) -> list[dict]:

@@ -11,29 +11,12 @@ import keras_hub
 import numpy as np
 import pytest
 from PIL import Image
+from smoke_runs import smoke_config
 
 from mtkd_jax import checkpoint, experiment, stages
 from mtkd_jax import config as config_lib
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def smoke_config(workdir, **overrides):
-    """The demo's settings shrunk to seconds: 2 shots, the K-shot pool, an epoch or two."""
-    settings = dict(
-        workdir=str(workdir),
-        shots=2,
-        unlabeled_pool="fewshot",
-        epochs=2,
-        teacher_epochs=1,
-        adapter_epochs=2,
-        batch_size=16,
-        eval_batch_size=128,
-        log_every=2,
-        baselines=(),
-    )
-    settings.update(overrides)
-    return config_lib.demo_config(**settings)
 
 
 # The default demo shrunk for CI: fewer epochs for the distilling and prompt-tuning stages (3
@@ -221,7 +204,8 @@ def test_a_finished_workdir_is_not_overwritten_silently(finished_run):
 
 
 def test_overwriting_one_stage_keeps_the_stages_it_builds_on(tmp_path):
-    settings = dict(teacher_prompt_length=0, teacher_prompt_depth=0, epochs=1)
+    settings = dict(teacher_prompt_length=0, teacher_prompt_depth=0, epochs=1, adapter_epochs=2,
+                    log_every=2)  # fmt: skip
     experiment.run(smoke_config(tmp_path, stage="1", **settings))
     experiment.run(smoke_config(tmp_path, stage="2", **settings))
     stage1 = _weights(tmp_path / "student_stage1.weights.h5")
@@ -268,7 +252,8 @@ def test_stage2_without_stage1_names_the_command_before_any_work(tmp_path, monke
     workdir = tmp_path / "run"
     with pytest.raises(InputError, match=r"python -m mtkd_jax.main --stage=1 --dataset=shapes"):
         experiment.run(smoke_config(workdir, stage="2", teacher_prompt_length=0,
-                                    teacher_prompt_depth=0))  # fmt: skip
+                                    teacher_prompt_depth=0, epochs=2, adapter_epochs=2,
+                                    log_every=2))  # fmt: skip
     assert not workdir.exists()  # nothing was written either
 
 
@@ -307,7 +292,8 @@ def test_stage2_reads_stage1s_files_and_builds_no_teacher_and_no_student(
 def test_resumed_stage1_ends_like_an_uninterrupted_one(tmp_path, monkeypatch):
     from mtkd_jax import train
 
-    settings = dict(stage="1", teacher_prompt_length=0, teacher_prompt_depth=0, epochs=2)
+    settings = dict(stage="1", teacher_prompt_length=0, teacher_prompt_depth=0, epochs=2,
+                    adapter_epochs=2, log_every=2)  # fmt: skip
     experiment.run(smoke_config(tmp_path / "straight", **settings))
 
     real_run_epoch, calls = train._run_epoch, []

@@ -2,6 +2,9 @@
 documents itself, and sets what its name promises."""
 
 import copy
+import itertools
+import re
+import shlex
 from pathlib import Path
 
 import pytest
@@ -52,18 +55,74 @@ def test_flagfile_parses_into_a_valid_config(path, monkeypatch):
     assert config.dataset in registry.REGISTRY
 
 
-@pytest.mark.parametrize("path", FLAGFILES, ids=lambda p: p.name)
-def test_flagfile_starts_with_its_command_and_expectations(path):
+def _header(path):
+    """The leading `#` lines of a flag file."""
     lines = path.read_text().splitlines()
-    header = []
-    for line in lines:
-        if not line.startswith("#"):
-            break
-        header.append(line)
-    text = "\n".join(header)
+    header = list(itertools.takewhile(lambda line: line.startswith("#"), lines))
+    return header, lines[len(header) :]
+
+
+def _field(header, name):
+    """The text of `# <name>: ...` (or `# <name> (a note): ...`) and its indented continuation
+    lines, joined by spaces; None without such a line."""
+    pattern = re.compile(rf"^# {re.escape(name)}(?: \([^)]*\))?:(.*)$")
+    for start, line in enumerate(header):
+        if found := pattern.match(line):
+            rest = itertools.takewhile(lambda line: line.startswith("#   "), header[start + 1 :])
+            return " ".join([found[1].strip(), *(line.lstrip("#").strip() for line in rest)])
+    return None
+
+
+DURATION = r"(?:\d+ min )?\d+ s"
+MEASURED = re.compile(rf"^measured (?P<times>{DURATION}(?: and {DURATION})*) wall clock\b")
+MEASURED_COMMAND = re.compile(
+    r"`(?:/usr/bin/time (?:-v )?)?python -m mtkd_jax\.main(?P<args>[^`]*)`"
+)
+MACHINE = re.compile(r"\bon [^;]*\b(?:CPU|GPU|TPU)\b[^;]*\bmachine\b")
+
+
+def _runtimes_section():
+    """The lines of docs/reporting.md's "Runtimes" section, the table of measured runtimes."""
+    lines = (REPO / "docs" / "reporting.md").read_text().splitlines()
+    start = lines.index("### Runtimes") + 1
+    return list(itertools.takewhile(lambda line: not line.startswith("#"), lines[start:]))
+
+
+@pytest.mark.parametrize("path", FLAGFILES, ids=lambda p: p.name)
+def test_flagfile_starts_with_its_command_and_expectations(path, monkeypatch):
+    """The header gives the command, then a runtime that is either measured (the figure, the
+    command that ran this file's configuration, the machine, the same figure in the docs'
+    table) or says `not measured:` which run's time is missing and where it will be recorded."""
+    header, body = _header(path)
     assert header and header[0].startswith("# Command: python -m mtkd_jax.")
-    assert "Expected runtime" in text and "Expected result" in text
-    assert all(line.startswith("--") for line in lines[len(header) :] if line.strip())
+    assert all(line.startswith("--") for line in body if line.strip())
+    assert _field(header, "Expected result")
+    runtime = _field(header, "Expected runtime")
+    assert runtime, "no '# Expected runtime:' line"
+    config = _config(path, monkeypatch)
+    table_rows = [line for line in _runtimes_section() if line.startswith(f"| `{path.name}` |")]
+    measured = MEASURED.match(runtime)
+    if measured is None:
+        assert runtime.startswith("not measured: the wall-clock time of this file's "), runtime
+        assert f"`--stage={config.stage}` run" in runtime, (runtime, config.stage)
+        assert "docs/reporting.md" in runtime and not table_rows
+        return
+    command = MEASURED_COMMAND.search(runtime)
+    assert command is not None, f"no `python -m mtkd_jax.main ...` command in: {runtime}"
+    flag_values = copy.deepcopy(flags.FLAGS)
+    flag_values(["main", *shlex.split(command["args"])])
+    assert main_lib.config_from_flags(flag_values) == config, (
+        "the measured command runs another configuration"
+    )
+    assert MACHINE.search(runtime), f"no machine (CPU/GPU/TPU ... machine) in: {runtime}"
+    (row,) = table_rows
+    assert measured["times"] in row and command.group(0) in row, (row, runtime)
+
+
+def test_the_demo_runtime_in_the_readme_is_the_flag_files():
+    header, _ = _header(REPO / "flags" / "demo.flags")
+    times = MEASURED.match(_field(header, "Expected runtime"))["times"]
+    assert f"One run of the demo takes **{times}** wall clock" in (REPO / "README.md").read_text()
 
 
 @pytest.mark.parametrize("name", DATASET_FILES)

@@ -10,7 +10,7 @@ import numpy as np
 import optax
 import pytest
 
-from mtkd_jax.optim import epoch_learning_rate, make_lr_schedule, make_optimizer
+from mtkd_jax.optim import make_lr_schedule, make_optimizer
 
 torch = pytest.importorskip("torch")
 
@@ -32,9 +32,6 @@ def test_schedule_values_follow_the_formula_at_chosen_steps():
     }
     for step, value in expected.items():
         assert float(schedule(step)) == pytest.approx(value, rel=1e-6), step
-        assert epoch_learning_rate(
-            step // STEPS, learning_rate=LR, epochs=EPOCHS, warmup_epochs=1, warmup_lr=WARMUP_LR
-        ) == pytest.approx(value, rel=1e-12)
     assert float(jax.jit(schedule)(jnp.int32(STEPS))) == pytest.approx(LR, rel=1e-6)
 
 

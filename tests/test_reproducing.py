@@ -4,27 +4,9 @@ import json
 
 import numpy as np
 import pytest
+from smoke_runs import smoke_config
 
-from mtkd_jax import config as config_lib
 from mtkd_jax import experiment
-
-
-def _smoke(workdir, **overrides):
-    """tests/test_experiment.py's smoke run: 2 shots of the shapes world, seconds per stage."""
-    settings = dict(
-        workdir=str(workdir),
-        shots=2,
-        unlabeled_pool="fewshot",
-        epochs=1,
-        teacher_epochs=1,
-        adapter_epochs=1,
-        batch_size=16,
-        eval_batch_size=128,
-        log_every=1,
-        baselines=(),
-    )
-    settings.update(overrides)
-    return config_lib.demo_config(**settings)
 
 
 def _first_train_line(workdir, stage):
@@ -65,12 +47,13 @@ def small_split_run(tmp_path_factory):
     unlabeled and 18 base images, batch 64), stage 2 on all classes, epochs selected on the
     validation images."""
     workdir = tmp_path_factory.mktemp("small")
-    config = _smoke(
+    config = smoke_config(
         workdir,
         shots=1,
         batch_size=64,
         epochs=2,
         adapter_epochs=2,
+        log_every=1,
         supervised_epochs=2,
         baselines=("supervised", "instance_only"),
         stage2_classes="all",
@@ -151,7 +134,7 @@ def test_stage1_shots_and_selection_on_base_test_images(tmp_path, monkeypatch):
     classes' test accuracy every epoch."""
     spy = _FitSpy(experiment.fit_stage)
     monkeypatch.setattr(experiment, "fit_stage", spy)
-    config = _smoke(
+    config = smoke_config(
         tmp_path,
         stage="1",
         teacher_prompt_length=0,
@@ -159,6 +142,8 @@ def test_stage1_shots_and_selection_on_base_test_images(tmp_path, monkeypatch):
         shots=2,
         stage1_shots=1,
         epochs=2,
+        adapter_epochs=1,
+        log_every=1,
         epoch_selection="test_base",
         eval_every=2,
     )

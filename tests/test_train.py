@@ -202,6 +202,26 @@ def test_fit_logs_every_measurement_to_metrics_jsonl(tmp_path):
     assert records[0]["lr"] == pytest.approx(0.01) and records[2]["lr"] == pytest.approx(0.05)
 
 
+def test_fit_checkpoints_every_epoch_keeps_the_latest_and_logs_evaluations(tmp_path):
+    _, _, state, step = setup()
+    evaluated = []
+
+    def evaluate(state, epoch):
+        evaluated.append(epoch)
+        return {"accuracy": epoch / 10}
+
+    epochs = checkpoint.KEEP_PER_STAGE + 1  # one more than is kept, so the oldest goes
+    run_fit(tmp_path, state, step, epochs=epochs, eval_fn=evaluate, eval_every=2)
+    saved = checkpoint.list_checkpoints(checkpoint.checkpoint_dir(tmp_path), "toy")
+    assert [checkpoint.read_metadata(p)["epoch"] for p in saved] == list(range(1, epochs))
+    assert evaluated == [1, 3]
+    evaluations = [r for r in read_metrics(tmp_path) if r["kind"] == "eval"]
+    assert [(r["epoch"], r["step"], r["accuracy"]) for r in evaluations] == [
+        (1, 2 * STEPS_PER_EPOCH, 0.1),
+        (3, 4 * STEPS_PER_EPOCH, 0.3),
+    ]
+
+
 def test_fit_writes_tensorboard_scalars_when_tensorboard_is_installed(tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -88,7 +88,6 @@ def read_hf_directory(path: str) -> BaseCheckpoint:
         table=hf_table,
         ignored=lambda name: name.endswith(".position_ids"),
         description=path,
-        tokenizer_dir=path,
     )
 
 

@@ -8,7 +8,6 @@ one to one.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -72,7 +71,6 @@ def read_keras_hub_preset(preset: str) -> BaseCheckpoint:
         table=keras_hub_table,
         ignored=lambda name: name == "vision/position_ids",
         description=f"keras_hub:{preset}",
-        tokenizer_dir=preset if os.path.isdir(preset) else None,
     )
 
 

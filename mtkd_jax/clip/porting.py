@@ -158,7 +158,6 @@ class BaseCheckpoint:
     table: Callable[[Any], Table]
     ignored: Callable[[str], bool]
     description: str
-    tokenizer_dir: str | None = None
 
 
 def as_float(array: np.ndarray) -> np.ndarray:
