@@ -453,46 +453,68 @@ def time_stage2(checkout: Path, name: str, stage1: Path, label: str, settings: S
 
 
 def summarise(results: dict) -> None:
-    """Adds per checkout: the mean seconds per split and the cost of each extra test image."""
+    """Adds per checkout: each split's mean seconds to the first step and what each extra test
+    image costs, from those totals and from the `[eval]` lines' own durations."""
+    images = results["test_images"]
     for entry in results["checkouts"]:
-        means = {}
-        for label in ("small", "large"):
-            runs = [r["seconds_to_first_step"] for r in entry["runs"] if r["split"] == label]
-            if runs:
-                means[label] = float(np.mean(runs))
+        means, evals = {}, {}
+        for label in images:
+            runs = [r for r in entry["runs"] if r["split"] == label]
+            means[label] = float(np.mean([r["seconds_to_first_step"] for r in runs]))
+            for run in runs:
+                for e in run["evaluations_before_first_step"]:
+                    evals.setdefault(e["method"], {}).setdefault(label, []).append(e["seconds"])
         entry["mean_seconds_to_first_step"] = means
-        if "large" in means:
-            extra = results["test_images"]["large"] - results["test_images"]["small"]
-            per_image = (means["large"] - means["small"]) / extra
-            entry["seconds_per_extra_test_image"] = per_image
-            entry["oxford_pets_extrapolated_s"] = means["small"] + per_image * (
-                OXFORD_PETS_TEST_IMAGES - results["test_images"]["small"]
-            )
+        if "large" not in images:
+            continue
+        extra = images["large"] - images["small"]
+        per_image = (means["large"] - means["small"]) / extra
+        entry["seconds_per_extra_test_image"] = per_image
+        entry["oxford_pets_extrapolated_s"] = means["small"] + per_image * (
+            OXFORD_PETS_TEST_IMAGES - images["small"]
+        )
+        entry["eval_seconds_per_extra_test_image"] = {
+            method: (np.mean(by_split["large"]) - np.mean(by_split["small"])) / extra
+            for method, by_split in evals.items()
+            if set(by_split) == {"small", "large"}
+        }
 
 
 def print_table(results: dict) -> None:
-    small = results["test_images"]["small"]
-    large = results["test_images"].get("large")
+    images = results["test_images"]
+    small, large = images["small"], images.get("large")
     first = results["checkouts"][0]["mean_seconds_to_first_step"]["small"]
-    header = f"{'checkout':<12} {f'first step, {small} test imgs':>26} {'ratio':>7}"
+    header = f"{'checkout':<10} {f'to 1st step, {small} test imgs':>25} {'ratio':>6}"
     if large:
-        header += f" {f'first step, {large} test imgs':>26} {'s / test image':>15}"
-        header += f" {'Oxford Pets (est.)':>19}"
+        header += f" {f'to 1st step, {large} test imgs':>25} {'s/extra test img':>17}"
+        header += f" {'[eval] s/test img':>18} {'Oxford Pets, est.':>18}"
     print("\n" + header)
     for entry in results["checkouts"]:
         means = entry["mean_seconds_to_first_step"]
-        row = f"{entry['name']:<12} {means['small']:>25.1f}s {means['small'] / first:>7.2f}"
+        row = f"{entry['name']:<10} {means['small']:>24.1f}s {means['small'] / first:>6.2f}"
         if large:
-            row += f" {means['large']:>25.1f}s {entry['seconds_per_extra_test_image']:>15.3f}"
-            row += f" {entry['oxford_pets_extrapolated_s']:>18.0f}s"
+            evals = entry["eval_seconds_per_extra_test_image"]
+            shown = ", ".join(f"{m} {v:.2f}" for m, v in evals.items()) or "-"
+            row += f" {means['large']:>24.1f}s {entry['seconds_per_extra_test_image']:>17.3f}"
+            row += f" {shown:>18} {entry['oxford_pets_extrapolated_s']:>17.0f}s"
         print(row)
+    more = OXFORD_PETS_TEST_IMAGES - small
+    print(f"(mean of {results['repeats']} run(s) each; Oxford Pets: the small split's time plus "
+          f"the s/extra test image times the {more} more test images)")  # fmt: skip
     for entry in results["checkouts"]:
         run = next(r for r in entry["runs"] if r["split"] == "small")
-        print(f"\n{entry['name']} ({entry['path']}, commit {entry['commit']}), {small} test "
-              "images: stdout lines, seconds since the command started")  # fmt: skip
-        for t, line in run["timeline"]:
-            print(f"  {t:8.1f}s  {line[:150]}")
-        print(f"  {run['seconds_to_first_step']:8.1f}s  (first stage2 line in metrics.jsonl)")
+        print(f"\n{entry['name']} ({entry['path']}, commit {entry['commit'] or 'unknown: no git'})"
+              f", {small} test images: stdout lines, seconds since the command started, and the "
+              "seconds since the previous line")  # fmt: skip
+        previous = 0.0
+        events = [(t, line) for t, line in run["timeline"] if t <= run["seconds_to_first_step"]]
+        for e in run["evaluations_before_first_step"]:
+            began = round(e["printed_at_s"] - e["seconds"], 3)
+            events.append((began, f"({e['method']} evaluation starts, from its [eval] line)"))
+        events.append((run["seconds_to_first_step"], "(first stage2 train line in metrics.jsonl)"))
+        for t, line in sorted(events):
+            print(f"  {t:7.1f}s {t - previous:+7.1f}s  {line[:130]}")
+            previous = t
     machine = results["machine"]
     print(f"\nMachine: {machine['platform']}, {machine['cpu_count']} CPUs, load average "
           f"{machine['load_before']} before, {machine['load_after']} after; note: "
@@ -533,12 +555,12 @@ def main(argv=None) -> dict:
     )
     parser.add_argument("--test_per_class", type=int, default=3)
     parser.add_argument(
-        "--large_test_per_class", type=int, default=9, help="0: time the small test split only"
+        "--large_test_per_class", type=int, default=15, help="0: time the small test split only"
     )
     parser.add_argument("--shots", type=int, default=2)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--eval_batch_size", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0, help="of the models' and images' values")
     parser.add_argument(
         "--extra_flags",
@@ -625,6 +647,7 @@ def main(argv=None) -> dict:
             "load_after": [round(x, 2) for x in os.getloadavg()],
         },
         "note": args.note,
+        "repeats": args.repeats,
         "checkouts": entries,
     }
     summarise(results)
