@@ -576,7 +576,14 @@ def main(argv=None) -> dict:
     parser.add_argument("--note", default="", help="what else ran on the machine, recorded")
     parser.add_argument("--output", default="", help="JSON results file")
     parser.add_argument("--verbose", action="store_true", help="echo the children's stderr")
-    args = parser.parse_args(argv)  # fmt: skip
+    args = parser.parse_args(argv)
+    if not 0 < args.test_per_class < args.large_test_per_class and args.large_test_per_class:
+        parser.error(
+            "--large_test_per_class must be above --test_per_class (> 0), or 0. Received "
+            f"{args.large_test_per_class} and {args.test_per_class}."
+        )
+    if args.test_per_class <= 0:
+        parser.error(f"--test_per_class must be positive. Received {args.test_per_class}.")
 
     checkouts = parse_checkouts(args.checkouts)
     scratch = Path(args.scratch).resolve()

@@ -79,7 +79,6 @@ def test_the_clock_stops_at_the_first_stage2_train_line(bench, tmp_path):
 @pytest.mark.slow
 def test_tiny_models_end_to_end(bench, tmp_path):
     output = tmp_path / "results.json"
-    sys.path.insert(0, str(ROOT))
     results = bench.main(
         [f"--checkouts=here={ROOT}", "--models=tiny", f"--scratch={tmp_path / 'scratch'}",
          "--test_per_class=1", "--large_test_per_class=2", f"--output={output}"]
