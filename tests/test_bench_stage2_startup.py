@@ -81,7 +81,7 @@ def test_tiny_models_end_to_end(bench, tmp_path):
     output = tmp_path / "results.json"
     results = bench.main(
         [f"--checkouts=here={ROOT}", "--models=tiny", f"--scratch={tmp_path / 'scratch'}",
-         "--test_per_class=1", "--large_test_per_class=2", f"--output={output}"]
+         "--test_per_class=1", "--large_test_per_class=2", "--repeats=1", f"--output={output}"]
     )  # fmt: skip
     assert json.loads(output.read_text())["test_images"] == {"small": 4, "large": 8}
     (entry,) = results["checkouts"]
