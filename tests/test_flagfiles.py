@@ -11,6 +11,7 @@ import pytest
 from absl import flags
 
 from mtkd_jax import main as main_lib
+from mtkd_jax import stages
 from mtkd_jax.data import registry
 
 REPO = Path(__file__).resolve().parents[1]
@@ -174,8 +175,8 @@ def test_demo_and_smoke_run_offline_on_shapes(monkeypatch):
     assert (demo.dataset, demo.teacher, demo.student) == ("shapes", "shapes", "tiny_resnet")
     # The smoke run keeps the CLIP-student path (a ViT with the paper's kind of student).
     assert (smoke.dataset, smoke.teacher, smoke.student) == ("shapes", "shapes", "tiny_vit")
-    assert smoke.epochs_for("0") == smoke.epochs_for("1") == smoke.epochs_for("2") == 1
-    assert demo.epochs_for("supervised") == 100 and smoke.epochs_for("supervised") == 1
+    assert {stage.epochs(smoke) for stage in stages.STAGES if stage.trains} == {1}
+    assert stages.SUPERVISED.epochs(demo) == 100
 
 
 def test_demo_flags_are_the_run_without_flags(monkeypatch):
