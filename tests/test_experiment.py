@@ -203,23 +203,6 @@ def test_a_finished_workdir_is_not_overwritten_silently(finished_run):
         experiment.run(config_lib.demo_config(workdir=str(workdir), **SHRUNK_DEMO))
 
 
-def test_overwriting_one_stage_keeps_the_stages_it_builds_on(tmp_path):
-    settings = dict(teacher_prompt_length=0, teacher_prompt_depth=0, epochs=1, adapter_epochs=2,
-                    log_every=2)  # fmt: skip
-    experiment.run(smoke_config(tmp_path, stage="1", **settings))
-    experiment.run(smoke_config(tmp_path, stage="2", **settings))
-    stage1 = _weights(tmp_path / "student_stage1.weights.h5")
-    with pytest.raises(FileExistsError, match="--overwrite"):
-        experiment.run(smoke_config(tmp_path, stage="2", **settings))
-
-    experiment.run(smoke_config(tmp_path, stage="2", overwrite=True, **settings))
-
-    assert checkpoint.is_finished(tmp_path, "stage1") and checkpoint.is_finished(tmp_path, "stage2")
-    kept = _weights(tmp_path / "student_stage1.weights.h5")
-    assert kept.keys() == stage1.keys()
-    assert all(np.array_equal(kept[name], stage1[name]) for name in stage1)
-
-
 def _forbid_model_loading(monkeypatch):
     """Makes every way of building the teacher or a pretrained/fresh student fail loudly."""
     import importlib
@@ -261,13 +244,19 @@ def test_stage2_reads_stage1s_files_and_builds_no_teacher_and_no_student(
     finished_run, tmp_path, monkeypatch
 ):
     """`--stage=2` into a finished stage-1 workdir: no teacher, no pretrained or fresh student,
-    no teacher evaluation, and the same stage-2 student as the full run's."""
+    no teacher evaluation, and the same stage-2 student as the full run's. Overwriting stage 2
+    keeps the stage 1 it builds on; without `--overwrite` or `--resume` it is refused."""
     import shutil
 
     workdir = tmp_path / "copy"
     shutil.copytree(finished_run[0], workdir)
     full = json.loads((workdir / "results.json").read_text())["methods"]
+    stage1 = _weights(workdir / "student_stage1.weights.h5")
+    stage1_checkpoints = sorted(checkpoint.list_checkpoints(workdir / "checkpoints", "stage1"))
     _forbid_model_loading(monkeypatch)
+    settings = {**SHRUNK_DEMO, "baselines": ()}
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        experiment.run(config_lib.demo_config(workdir=str(workdir), stage="2", **settings))
     evaluated = []
     real_evaluate = experiment.Context.evaluate
 
@@ -276,7 +265,6 @@ def test_stage2_reads_stage1s_files_and_builds_no_teacher_and_no_student(
         return real_evaluate(ctx, method, *args)
 
     monkeypatch.setattr(experiment.Context, "evaluate", evaluate)
-    settings = {**SHRUNK_DEMO, "baselines": ()}
     config = config_lib.demo_config(workdir=str(workdir), stage="2", overwrite=True, **settings)
     results = experiment.run(config)
 
@@ -287,8 +275,18 @@ def test_stage2_reads_stage1s_files_and_builds_no_teacher_and_no_student(
     assert kept.keys() == rerun.keys()
     for name in kept:
         np.testing.assert_array_equal(rerun[name], kept[name])
+    # Stage 1, which stage 2 builds on, is untouched by --overwrite of stage 2.
+    assert checkpoint.is_finished(workdir, "stage1")
+    assert sorted(checkpoint.list_checkpoints(workdir / "checkpoints", "stage1")) == (
+        stage1_checkpoints
+    )
+    after = _weights(workdir / "student_stage1.weights.h5")
+    assert after.keys() == stage1.keys() and len(stage1) > 0
+    for name in stage1:
+        np.testing.assert_array_equal(after[name], stage1[name])
 
 
+@pytest.mark.slow  # the default run checks the same through the command line (test_faults_cli)
 def test_resumed_stage1_ends_like_an_uninterrupted_one(tmp_path, monkeypatch):
     from mtkd_jax import train
 
