@@ -486,8 +486,8 @@ def run_stage(ctx: Context, stage: stages.Stage) -> None:
     if stage.trains is not None:
         loss_fn, frozen = stage.objective(ctx, model)
         fit_stage(ctx, stage, model, loss_fn, frozen)
-        stage.write(ctx, model)
-    stage.report(ctx, model)
+        stage.write(ctx, stage, model)
+    stage.report(ctx, stage, model)
 
 
 def finish(ctx: Context) -> None:

@@ -53,18 +53,17 @@ def read_text_features(workdir: Path, classnames) -> tuple[np.ndarray, float]:
     return text, scale
 
 
-def write_student(workdir: Path, stage_name: str, student, *, image_size: int) -> None:
-    """Writes `student_<stage>.weights.h5` and the architecture (adapter off) beside it."""
+def write_architecture(workdir: Path, student, *, image_size: int) -> None:
+    """Writes `student_architecture.json`: the student's Keras config (adapter off) and image
+    size, from which `read_student` builds it again (process 0)."""
     import keras
 
-    workdir = Path(workdir)
     config = keras.saving.serialize_keras_object(student)
     config["config"]["use_adapter"] = False
     workdir_lib.write_json(
-        workdir / workdir_lib.STUDENT_ARCHITECTURE_FILE,
+        Path(workdir) / workdir_lib.STUDENT_ARCHITECTURE_FILE,
         {"format": ARCHITECTURE_FORMAT, "image_size": int(image_size), "student": config},
     )
-    workdir_lib.write_weights(student, workdir / workdir_lib.weights_file(stage_name))
 
 
 def read_architecture(workdir: Path) -> dict:

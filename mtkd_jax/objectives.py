@@ -81,11 +81,7 @@ def class_logits(
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, where: jax.Array | None) -> jax.Array:
     """Mean softmax cross-entropy over real rows: logits `[batch, classes]`, labels `[batch]`."""
-    per_example = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-    if where is None:
-        return jnp.mean(per_example)
-    where = where.astype(jnp.float32)
-    return jnp.sum(per_example * where) / jnp.maximum(jnp.sum(where), 1.0)
+    return _masked_mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels), where)
 
 
 def _masked_mean(values: jax.Array, where: jax.Array | None) -> jax.Array:
@@ -159,9 +155,7 @@ def classification_loss(student) -> Callable:
         labels = frozen.label_map[batch["labels"]]
         loss = cross_entropy(logits, labels, batch.get("mask"))
         correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-        where = batch.get("mask")
-        where = jnp.ones_like(correct) if where is None else where.astype(jnp.float32)
-        accuracy = jnp.sum(correct * where) / jnp.maximum(jnp.sum(where), 1.0)
+        accuracy = _masked_mean(correct, batch.get("mask"))
         return loss, (new_non_trainable, {"ce": loss, "train_accuracy": accuracy})
 
     return loss_fn

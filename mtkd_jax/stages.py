@@ -59,8 +59,8 @@ class Stage:
         objective: `objective(ctx, model) -> (loss_fn, frozen)`, from `mtkd_jax.objectives`.
         data: `data(ctx) -> split` of training images.
         labeled: whether its batches carry labels.
-        write: `write(ctx, model)`: what it stores for later stages and users.
-        report: `report(ctx, model)`: evaluates it into `results.json`.
+        write: `write(ctx, stage, model)`: what it stores for later stages and users.
+        report: `report(ctx, stage, model)`: evaluates it into `results.json` as `stage.method`.
         evaluated_classes: `fn(ctx) -> label ids` the stage is trained on, for `--eval_every`
             and `--epoch_selection` (None: the stage takes neither).
         epochs_flag: the `RunConfig` field with its epochs (0 there means `--epochs`).
@@ -80,11 +80,11 @@ class Stage:
     model: str
     trains: str | None
     build: Callable[[Context], Any]
-    report: Callable[[Context, Any], None]
+    report: Callable[[Context, Stage, Any], None]
     objective: Callable[[Context, Any], tuple[Callable, Any]] | None = None
     data: Callable[[Context], Any] | None = None
     labeled: bool = True
-    write: Callable[[Context, Any], None] | None = None
+    write: Callable[[Context, Stage, Any], None] | None = None
     evaluated_classes: Callable[[Context], Any] | None = None
     epochs_flag: str = "epochs"
     data_stream: str = ""
@@ -134,11 +134,11 @@ def _plain_teacher(ctx: Context):
     return teacher.plain_copy(ctx.teacher)
 
 
-def _report_zero_shot(ctx: Context, plain) -> None:
+def _report_zero_shot(ctx: Context, stage: Stage, plain) -> None:
     from mtkd_jax import teacher
 
     text = teacher.class_features(plain, ctx.tokenizer, ctx.dataset)
-    ctx.evaluate(ZERO_SHOT.method, ctx.teacher_logits_fn(plain, text), plain)
+    ctx.evaluate(stage.method, ctx.teacher_logits_fn(plain, text), plain)
 
 
 def _teacher_with_frozen_encoders(ctx: Context):
@@ -187,17 +187,18 @@ def _labeled_shots(ctx: Context):
     return ctx.dataset.subsample(few_shot, "base" if ctx.config.base_to_novel else "all")
 
 
-def _save_prompts(ctx: Context, prompted) -> None:
+def _save_prompts(ctx: Context, stage: Stage, prompted) -> None:
+    del stage
     from mtkd_jax import teacher, workdir
 
     teacher.save_prompts(prompted, ctx.workdir / workdir.TEACHER_PROMPTS_FILE)
     ctx.teacher_prompts_set = True
 
 
-def _report_tuned_teacher(ctx: Context, prompted) -> None:
+def _report_tuned_teacher(ctx: Context, stage: Stage, prompted) -> None:
     del prompted
     ctx.final_teacher()  # evaluates the teacher once, as "teacher"
-    ctx.results["methods"][STAGE0.method] = dict(ctx.results["methods"]["teacher"])
+    ctx.results["methods"][stage.method] = dict(ctx.results["methods"]["teacher"])
 
 
 def _check_teacher_prompts(config: RunConfig, workdir: Path) -> None:
@@ -261,20 +262,23 @@ def _stage2_classes(ctx: Context):
     return ctx.stage2_classes
 
 
-def _save_student(stage_name: str):
-    def write(ctx: Context, student) -> None:
-        from mtkd_jax import handoff
+def _save_student(ctx: Context, stage: Stage, student) -> None:
+    """`student_<stage>.weights.h5`."""
+    from mtkd_jax import workdir
 
-        handoff.write_student(ctx.workdir, stage_name, student, image_size=ctx.image_size)
-
-    return write
+    workdir.write_weights(student, ctx.workdir / workdir.weights_file(stage.name))
 
 
-def _report_student(stage_name: str):
-    def report(ctx: Context, student) -> None:
-        ctx.evaluate(f"student_{stage_name}", ctx.student_logits_fn(student), student)
+def _save_student_for_stage2(ctx: Context, stage: Stage, student) -> None:
+    """The weights and, for stage 2 to build the student from, its architecture."""
+    from mtkd_jax import handoff
 
-    return report
+    _save_student(ctx, stage, student)
+    handoff.write_architecture(ctx.workdir, student, image_size=ctx.image_size)
+
+
+def _report_student(ctx: Context, stage: Stage, student) -> None:
+    ctx.evaluate(stage.method, ctx.student_logits_fn(student), student)
 
 
 def _stage1_student_with_adapter(ctx: Context):
@@ -306,8 +310,8 @@ def _stage2_shots(ctx: Context):
     return few_shot.subset(np.flatnonzero(np.isin(few_shot.labels, ctx.stage2_classes)))
 
 
-def _save_and_export_adapted_student(ctx: Context, student) -> None:
-    _save_student(STAGE2.name)(ctx, student)
+def _save_and_export_adapted_student(ctx: Context, stage: Stage, student) -> None:
+    _save_student(ctx, stage, student)
     if ctx.config.export:
         ctx.export_student(student)
 
@@ -356,8 +360,8 @@ STAGE1 = Stage(
     objective=_distillation_objective(lambda config: config.loss_weights),
     data=_unlabeled_pool,
     labeled=False,
-    write=_save_student("stage1"),
-    report=_report_student("stage1"),
+    write=_save_student_for_stage2,
+    report=_report_student,
     evaluated_classes=_trained_classes,
     reads="stage0",
     check_inputs=_check_teacher_prompts,
@@ -367,8 +371,7 @@ STAGE1_INSTANCE_ONLY = dataclasses.replace(
     name="stage1_instance_only",
     summary="the ablation of stage 1 with the instance level alone, on stage 1's batches",
     objective=_distillation_objective(lambda config: (1.0, 0.0, 0.0)),
-    write=_save_student("stage1_instance_only"),
-    report=_report_student("stage1_instance_only"),
+    write=_save_student,  # stage 2 builds on stage 1's student, not the ablation's
     data_stream="stage1",
     baseline="instance_only",
 )
@@ -382,7 +385,7 @@ STAGE2 = Stage(
     objective=_classification_objective,
     data=_stage2_shots,
     write=_save_and_export_adapted_student,
-    report=_report_student("stage2"),
+    report=_report_student,
     evaluated_classes=_stage2_classes,
     epochs_flag="adapter_epochs",
     reads="stage1",
@@ -397,8 +400,8 @@ SUPERVISED = Stage(
     build=_fresh_student,
     objective=_classification_objective,
     data=_stage2_shots,
-    write=_save_student("supervised"),
-    report=_report_student("supervised"),
+    write=_save_student,
+    report=_report_student,
     evaluated_classes=_stage2_classes,
     epochs_flag="supervised_epochs",
     baseline="supervised",

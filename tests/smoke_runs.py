@@ -1,10 +1,27 @@
-"""The smoke run that tests of the driver share: the demo's settings shrunk to seconds.
+"""What tests of the driver share: the smoke run (the demo's settings shrunk to seconds) and a
+reader of the weights files runs write.
 
-Imported by test modules as `from smoke_runs import smoke_config` (pytest puts `tests/` on
-`sys.path`, as for `conftest.py`).
+Imported by test modules as `from smoke_runs import smoke_config, read_weights` (pytest puts
+`tests/` on `sys.path`, as for `conftest.py`).
 """
 
+import numpy as np
+
 from mtkd_jax import config as config_lib
+
+
+def read_weights(path) -> dict[str, np.ndarray]:
+    """Every array of a Keras `.weights.h5` file, by its path inside the file."""
+    import h5py
+
+    arrays = {}
+    with h5py.File(path, "r") as file:
+        file.visititems(
+            lambda name, item: (
+                arrays.__setitem__(name, item[()]) if isinstance(item, h5py.Dataset) else None
+            )
+        )
+    return arrays
 
 
 def smoke_config(workdir, *, epochs, adapter_epochs, log_every, **overrides):

@@ -6,12 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import h5py
 import keras_hub
 import numpy as np
 import pytest
 from PIL import Image
-from smoke_runs import smoke_config
+from smoke_runs import read_weights, smoke_config
 
 from mtkd_jax import checkpoint, experiment, stages
 from mtkd_jax import config as config_lib
@@ -78,18 +77,6 @@ def test_demo_student_has_at_least_five_times_fewer_image_flops_than_the_teacher
     assert ratio >= 5.0, ratio
 
 
-def _weights(path):
-    """Every array of a Keras .weights.h5 file, by its path inside the file."""
-    arrays = {}
-    with h5py.File(path, "r") as file:
-        file.visititems(
-            lambda name, item: (
-                arrays.__setitem__(name, item[()]) if isinstance(item, h5py.Dataset) else None
-            )
-        )
-    return arrays
-
-
 def test_run_writes_every_documented_file(finished_run):
     workdir, results = finished_run
     for name in (
@@ -144,8 +131,8 @@ def test_metrics_log_names_every_loss_term(finished_run):
 
 def test_stage2_changes_only_the_adapter(finished_run):
     workdir, _ = finished_run
-    before = _weights(workdir / "student_stage1.weights.h5")
-    after = _weights(workdir / "student_stage2.weights.h5")
+    before = read_weights(workdir / "student_stage1.weights.h5")
+    after = read_weights(workdir / "student_stage2.weights.h5")
     assert before.keys() == after.keys()
     adapter = [name for name in before if "adapter" in name]
     others = [name for name in before if "adapter" not in name]
@@ -251,7 +238,7 @@ def test_stage2_reads_stage1s_files_and_builds_no_teacher_and_no_student(
     workdir = tmp_path / "copy"
     shutil.copytree(finished_run[0], workdir)
     full = json.loads((workdir / "results.json").read_text())["methods"]
-    stage1 = _weights(workdir / "student_stage1.weights.h5")
+    stage1 = read_weights(workdir / "student_stage1.weights.h5")
     stage1_checkpoints = sorted(checkpoint.list_checkpoints(workdir / "checkpoints", "stage1"))
     _forbid_model_loading(monkeypatch)
     settings = {**SHRUNK_DEMO, "baselines": ()}
@@ -271,7 +258,9 @@ def test_stage2_reads_stage1s_files_and_builds_no_teacher_and_no_student(
     assert evaluated == ["student_stage2"]
     assert results["methods"]["teacher"] == full["teacher"]  # stage 1's record, kept
     assert results["methods"]["student_stage2"] == full["student_stage2"]
-    kept, rerun = (_weights(d / "student_stage2.weights.h5") for d in (finished_run[0], workdir))
+    kept, rerun = (
+        read_weights(d / "student_stage2.weights.h5") for d in (finished_run[0], workdir)
+    )
     assert kept.keys() == rerun.keys()
     for name in kept:
         np.testing.assert_array_equal(rerun[name], kept[name])
@@ -280,7 +269,7 @@ def test_stage2_reads_stage1s_files_and_builds_no_teacher_and_no_student(
     assert sorted(checkpoint.list_checkpoints(workdir / "checkpoints", "stage1")) == (
         stage1_checkpoints
     )
-    after = _weights(workdir / "student_stage1.weights.h5")
+    after = read_weights(workdir / "student_stage1.weights.h5")
     assert after.keys() == stage1.keys() and len(stage1) > 0
     for name in stage1:
         np.testing.assert_array_equal(after[name], stage1[name])
@@ -308,8 +297,8 @@ def test_resumed_stage1_ends_like_an_uninterrupted_one(tmp_path, monkeypatch):
     monkeypatch.setattr(train, "_run_epoch", real_run_epoch)
     experiment.run(smoke_config(tmp_path / "resumed", resume=True, **settings))
 
-    straight = _weights(tmp_path / "straight" / "student_stage1.weights.h5")
-    resumed = _weights(tmp_path / "resumed" / "student_stage1.weights.h5")
+    straight = read_weights(tmp_path / "straight" / "student_stage1.weights.h5")
+    resumed = read_weights(tmp_path / "resumed" / "student_stage1.weights.h5")
     assert straight.keys() == resumed.keys()
     for name in straight:
         np.testing.assert_allclose(resumed[name], straight[name], rtol=1e-6, atol=1e-7)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from smoke_runs import read_weights
 
 from mtkd_jax import checkpoint
 
@@ -130,19 +131,6 @@ def _run(workdir, flags, fault="", resume=False):
     return _finish(_start(workdir, flags, fault, resume))
 
 
-def _weights(path) -> dict[str, np.ndarray]:
-    import h5py
-
-    found = {}
-    with h5py.File(path, "r") as file:
-        file.visititems(
-            lambda name, item: (
-                found.__setitem__(name, item[()]) if isinstance(item, h5py.Dataset) else None
-            )
-        )
-    return found
-
-
 def _methods(workdir) -> dict:
     import json
 
@@ -152,7 +140,7 @@ def _methods(workdir) -> dict:
 def _assert_same_run(workdir, reference, weight_files):
     assert _methods(workdir) == _methods(reference)
     for name in weight_files:
-        ours, theirs = _weights(Path(workdir) / name), _weights(Path(reference) / name)
+        ours, theirs = read_weights(Path(workdir) / name), read_weights(Path(reference) / name)
         assert ours.keys() == theirs.keys() and ours
         for key in theirs:
             np.testing.assert_array_equal(ours[key], theirs[key], err_msg=f"{name}: {key}")
